@@ -1,0 +1,233 @@
+"""One typed, frozen configuration, loaded once: YAML file -> `ORPHEUS_*` environment -> CLI flags.
+
+Each section of `orpheus_config.yaml` is a frozen dataclass below; a component receives only
+its own section. Every field states its allowed values in `metadata`, and a bad value fails at
+start with a `ConfigError` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pipecat_orpheus.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "orpheus_config.yaml"
+ENV_PREFIX = "ORPHEUS_"
+
+
+def _range(lo: float | None = None, hi: float | None = None, **extra: Any) -> dict:
+    return {"range": (lo, hi), **extra}
+
+
+def _choices(*values: Any) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Where the weights come from and how they sit on the device."""
+
+    llm: str = "canopylabs/orpheus-3b-0.1-ft"
+    codec: str = "hubertsiuzdak/snac_24khz"
+    dtype: str = field(default="auto", metadata=_choices("auto", "bfloat16", "float16", "float32"))
+    device: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """The batched engine: slot pool, KV cache, queue, prefill and CUDA graphs."""
+
+    max_slots: int = field(default=256, metadata=_range(1, 4096))
+    max_tokens_per_slot: int = field(default=2048, metadata=_range(64, 131072))
+    max_queue: int = field(default=512, metadata=_range(0, 1_000_000))
+    prefill_chunk_tokens: int = field(default=256, metadata=_range(16, 65536))
+    cuda_graphs: bool = True
+    max_chars_per_piece: int = field(default=280, metadata=_range(20, 4000))
+    gpu_memory_fraction: float = field(default=0.90, metadata=_range(0.1, 1.0))
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    """Default sampling for every request; requests may override each value."""
+
+    temperature: float = field(default=0.6, metadata=_range(0.0, 5.0))
+    top_p: float = field(default=0.8, metadata=_range(0.0, 1.0, exclusive_lo=True))
+    repetition_penalty: float = field(default=1.1, metadata=_range(1.0, 5.0))
+    max_tokens: int = field(default=2000, metadata=_range(7, 131072))
+    seed: int | None = field(default=None, metadata=_range(0, 2**63 - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class CodecConfig:
+    """Streaming SNAC decoding: context on each side of a frame, batching, precision."""
+
+    left_context_frames: int = field(default=3, metadata=_range(0, 16))
+    lookahead_frames: int = field(default=2, metadata=_range(0, 16))
+    max_batch: int = field(default=256, metadata=_range(1, 4096))
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
+    compile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceConfig:
+    """The voice used when a request names none, and the voices a request may name."""
+
+    default: str = "tara"
+    available: tuple[str, ...] = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """`pipecat-orpheus serve`: where it listens, keep-alive and shutdown."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=_range(0, 65535))
+    api_key_env: str = "ORPHEUS_API_KEYS"
+    ping_interval_s: float = field(default=10.0, metadata=_range(0.1, 3600))
+    ping_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+    shutdown_grace_s: float = field(default=10.0, metadata=_range(0.0, 3600))
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """What one client may cost the server; past a limit it gets an `Error`, never a crash."""
+
+    max_message_bytes: int = field(default=65536, metadata=_range(64, 16 * 2**20))
+    max_utterance_chars: int = field(default=4000, metadata=_range(1, 1_000_000))
+    max_buffered_chars: int = field(default=8000, metadata=_range(1, 1_000_000))
+    max_queued_utterances: int = field(default=16, metadata=_range(1, 10_000))
+    max_connections: int = field(default=512, metadata=_range(1, 100_000))
+    max_unsent_audio_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+
+
+@dataclass(frozen=True, slots=True)
+class ModalConfig:
+    """The Modal deployment in modal_deploy/app.py."""
+
+    app_name: str = "pipecat-orpheus"
+    gpu: str = "H100"
+    min_containers: int = field(default=0, metadata=_range(0, 1000))
+    max_containers: int = field(default=4, metadata=_range(1, 1000))
+    buffer_containers: int = field(default=0, metadata=_range(0, 1000))
+    scaledown_window_s: int = field(default=300, metadata=_range(2, 3600))
+    timeout_s: int = field(default=3600, metadata=_range(10, 86400))
+    weights_volume: str = "orpheus-weights"
+    hf_secret: str = "huggingface-secret"
+    api_key_secret: str = "orpheus-api-keys"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration: one frozen section per block of `orpheus_config.yaml`."""
+
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    codec: CodecConfig = CodecConfig()
+    voices: VoiceConfig = VoiceConfig()
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    modal: ModalConfig = ModalConfig()
+
+    def __post_init__(self) -> None:
+        if self.voices.default not in self.voices.available:
+            raise ConfigError("voices.default", f"{self.voices.default!r} is not in voices.available")
+        if self.server.ping_timeout_s < self.server.ping_interval_s:
+            raise ConfigError("server.ping_timeout_s", "must be >= server.ping_interval_s")
+        if self.sampling.max_tokens > self.engine.max_tokens_per_slot:
+            raise ConfigError(
+                "sampling.max_tokens", f"must be <= engine.max_tokens_per_slot ({self.engine.max_tokens_per_slot})"
+            )
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load the YAML at `path` (default: the repository's), then `ORPHEUS_SECTION_KEY` env
+    variables, then `overrides` such as `{"server.port": 9000}` (from CLI flags; None skipped).
+    """
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None or DEFAULT_CONFIG_PATH.exists():
+        file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {file}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{file} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError("--config", f"{file} must hold a mapping of sections")
+        values = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in loaded.items()}
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name, raw in (environ if environ is not None else os.environ).items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        for section in sections:
+            prefix = f"{ENV_PREFIX}{section.upper()}_"
+            if name.startswith(prefix):
+                values.setdefault(section, {})[name[len(prefix) :].lower()] = yaml.safe_load(raw)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            values.setdefault(section, {})[key] = value
+    unknown = set(values) - set(sections)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"unknown section; known: {', '.join(sections)}")
+    hints = typing.get_type_hints(Config)
+    return Config(**{s: _build_section(s, hints[s], values.get(s, {})) for s in sections})
+
+
+def _build_section(section: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(section, "must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{section}.{key}", f"unknown key; known: {', '.join(fields)}")
+        kwargs[key] = _check(f"{section}.{key}", value, hints[key], fields[key].metadata)
+    return cls(**kwargs)
+
+
+def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    """Coerce `value` to the field's type and check its range or choices."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a non-empty list of strings, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+    elif hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and value != int(value)):
+            raise ConfigError(key, f"must be {'an integer' if hint is int else 'a number'}, got {value!r}")
+        value = hint(value)
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    if "range" in meta:
+        lo, hi = meta["range"]
+        too_low = lo is not None and (value <= lo if meta.get("exclusive_lo") else value < lo)
+        if too_low or (hi is not None and value > hi):
+            opening = "(" if meta.get("exclusive_lo") else "["
+            raise ConfigError(key, f"{value!r} is out of range {opening}{lo}, {hi}]")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    return value

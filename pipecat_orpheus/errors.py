@@ -1,0 +1,41 @@
+"""The typed errors that every boundary (CLI, server, Pipecat service) translates exactly once."""
+
+
+class OrpheusError(Exception):
+    """Base class of every error pipecat-orpheus raises on purpose."""
+
+
+class ConfigError(OrpheusError):
+    """A configuration value is missing or out of range; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+class ModelLoadError(OrpheusError):
+    """Weights or tokenizer could not be loaded; the message says what to do about it."""
+
+
+class EngineBusy(OrpheusError):
+    """Every slot is taken and the wait queue is full: try again later or add capacity."""
+
+    code = "busy"
+
+
+class RequestCancelled(OrpheusError):
+    """The request was cancelled (barge-in, disconnect) before it finished."""
+
+
+class ProtocolError(OrpheusError):
+    """A client message is malformed or breaks a limit; becomes `Error{code}` on the wire."""
+
+    def __init__(self, message: str, code: str = "bad_request"):
+        super().__init__(message)
+        self.code = code
+
+
+class AuthError(OrpheusError):
+    """The server refused the API key (or none was given where one is required)."""
+
+    code = "auth"
