@@ -45,6 +45,7 @@ class ModelConfig:
 class EngineConfig:
     """The batched engine: slot pool, KV cache, queue, prefill and CUDA graphs."""
 
+    backend: str = field(default="batched", metadata=_choices("batched", "reference"))
     max_slots: int = field(default=256, metadata=_range(1, 4096))
     max_tokens_per_slot: int = field(default=2048, metadata=_range(64, 131072))
     max_queue: int = field(default=512, metadata=_range(0, 1_000_000))

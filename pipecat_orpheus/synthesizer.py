@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from pipecat_orpheus.config import Config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import RequestCancelled
 
@@ -117,3 +118,26 @@ class Synthesizer(Protocol):
     def close(self) -> None:
         """Stop the worker and cancel everything in flight."""
         ...
+
+
+_shared: dict[tuple, Synthesizer] = {}
+_shared_lock = threading.Lock()
+
+
+def load_synthesizer(config: Config) -> Synthesizer:
+    """The process-wide speech source for `config`'s model: loaded once, shared by every caller.
+
+    Blocking (loads weights and warms up): call it off the event loop.
+    """
+    key = (config.model, config.engine, config.codec)
+    with _shared_lock:
+        if key not in _shared:
+            if config.engine.backend == "reference":
+                from pipecat_orpheus.reference import ReferenceSynthesizer
+
+                _shared[key] = ReferenceSynthesizer.from_config(config)
+            else:
+                from pipecat_orpheus.engine.engine import OrpheusEngine
+
+                _shared[key] = OrpheusEngine.from_config(config)
+        return _shared[key]
