@@ -120,6 +120,7 @@ class ModalConfig:
     buffer_containers: int = field(default=0, metadata=_range(0, 1000))
     scaledown_window_s: int = field(default=300, metadata=_range(2, 3600))
     timeout_s: int = field(default=3600, metadata=_range(10, 86400))
+    startup_timeout_s: int = field(default=1800, metadata=_range(10, 86400))
     weights_volume: str = "orpheus-weights"
     hf_secret: str = "huggingface-secret"
     api_key_secret: str = "orpheus-api-keys"

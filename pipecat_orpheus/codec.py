@@ -1,0 +1,406 @@
+"""Streaming SNAC decoding: every frame emitted, context on both sides, batched across requests.
+
+Each request owns a `CodecStream`: frames of codes go in as the LLM produces them and
+`Window`s come out, one per frame once `lookahead_frames` later frames exist (all that is left
+at `finish()`). A window holds up to `left_context_frames` frames before the frames it emits,
+so every output sample is decoded with (nearly) the context an offline decode of the whole
+utterance would give it. `SnacCodec.decode` runs all ready windows of every request in one
+SNAC call per window shape and returns exactly the samples to emit.
+
+SNAC's `NoiseBlock` draws fresh `torch.randn` at every call, so two decodes of the same codes
+differ. Here the decoder is run functionally over the loaded modules with the noise replaced
+by a counter-based hash of (request key, block, absolute position): noise no longer depends
+on batching or windowing, a seeded request is reproducible, and streamed audio can be compared
+with an offline decode sample by sample. The decoder is also cropped after every upsampling
+block to the emitted frames plus the receptive field of the layers left, which gives the same
+samples for much less work at the high-rate layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from loguru import logger
+from snac.layers import DecoderBlock, NoiseBlock, Snake1d
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pipecat_orpheus.config import CodecConfig
+from pipecat_orpheus.errors import ModelLoadError, RequestCancelled
+from pipecat_orpheus.format import CODEBOOK_SIZE, FRAME_TOKENS, SAMPLES_PER_FRAME
+
+_M32 = 0xFFFFFFFF  # noise hashing works on 32-bit words held in int64 tensors
+_L1_COLS = [1, 4]  # frame positions of the two L1 codes (format.FRAME_LAYOUT)
+_L2_COLS = [2, 3, 5, 6]  # frame positions of the four L2 codes
+
+
+def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
+    """(x * c) mod 2**32 without int64 overflow: split c into 16-bit halves."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """Chris Wellons' lowbias32 integer hash; works on Python ints and int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def noise_key(seed: int) -> int:
+    """The 32-bit noise key of a request seed (any non-negative int)."""
+    return _hash32(_hash32(seed & _M32) ^ ((seed >> 32) & _M32))
+
+
+def hashed_normal(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise that is a pure function of (key, position), by Box-Muller.
+
+    keys: (B, 1) int64 in [0, 2**32); positions: (B, T) int64 >= 0. Returns (B, T) float32.
+    """
+    h = _hash32(keys ^ _hash32(positions))  # (B, T)
+    h1, h2 = _hash32(h ^ 0x68E31DA4), _hash32(h ^ 0xB5297A4D)  # (B, T) two independent words
+    u1 = ((h1 >> 8).float() + 0.5) / 2**24  # (B, T) in (0, 1): 24 bits are exact in float32
+    u2 = (h2 >> 8).float() / 2**24  # (B, T) in [0, 1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def _snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """SNAC's Snake activation, written in plain torch so torch.compile can fuse it."""
+    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+
+
+def _receptive_margin(layers: list[nn.Module]) -> int:
+    """Samples of context (each side, in the first layer's input rate) the layers need."""
+    r = 0
+    for m in reversed(layers):
+        if isinstance(m, nn.ConvTranspose1d):
+            r = math.ceil((r + m.kernel_size[0]) / m.stride[0])
+        elif isinstance(m, nn.Conv1d):
+            r += m.dilation[0] * (m.kernel_size[0] - 1) // 2
+    return r
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Window:
+    """Frames of one request to decode together; the middle `emit` frames are output.
+
+    `codes` is (frames, 7) in frame order starting at absolute frame `start`; the first `left`
+    frames are context before the emitted ones and the rest after them are lookahead.
+    """
+
+    stream: CodecStream
+    codes: np.ndarray
+    start: int
+    left: int
+    emit: int
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        """Windows with equal keys decode in one batched call."""
+        return len(self.codes), self.left, self.emit
+
+
+class CodecStream:
+    """One request's frame buffer: push frames, get the windows that became ready."""
+
+    def __init__(self, key: int, left_context: int, lookahead: int):
+        self.key = key
+        self._left = left_context
+        self._lookahead = lookahead
+        self._frames: list[np.ndarray] = []  # frames from absolute index self._base on
+        self._base = 0
+        self._pushed = 0
+        self._next = 0  # first frame not yet handed out in a window
+        self.finished = False
+        self.cancelled = False
+
+    @property
+    def frames_pushed(self) -> int:
+        """Frames received so far."""
+        return self._pushed
+
+    def push(self, frame_codes: np.ndarray) -> list[Window]:
+        """Add one frame of 7 codes (frame order, as format.frame_to_codes gives them)."""
+        if self.finished:
+            raise RuntimeError("push() after finish()")
+        codes = np.asarray(frame_codes, dtype=np.int64).reshape(-1)
+        if codes.shape != (FRAME_TOKENS,) or codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
+            raise ValueError(f"a frame is {FRAME_TOKENS} codes in [0, {CODEBOOK_SIZE}), got {frame_codes!r}")
+        self._frames.append(codes)
+        self._pushed += 1
+        if self._next + self._lookahead < self._pushed:
+            return [self._window(self._next, 1, self._next + 1 + self._lookahead)]
+        return []
+
+    def finish(self) -> list[Window]:
+        """End of speech: one window emitting every frame not yet emitted (none if all were)."""
+        if self.finished:
+            return []
+        self.finished = True
+        if self._next >= self._pushed:
+            return []
+        return [self._window(self._next, self._pushed - self._next, self._pushed)]
+
+    def cancel(self) -> None:
+        """Drop this request: a `CodecWorker` discards its pending windows."""
+        self.cancelled = True
+
+    def _window(self, first: int, emit: int, end: int) -> Window:
+        start = max(0, first - self._left)
+        codes = np.stack(self._frames[start - self._base : end - self._base])  # (end - start, 7)
+        self._next = first + emit
+        keep_from = max(0, self._next - self._left)  # older frames are never context again
+        if keep_from > self._base:
+            del self._frames[: keep_from - self._base]
+            self._base = keep_from
+        return Window(self, codes, start, first - start, emit)
+
+
+class SnacCodec:
+    """A SNAC 24 kHz decoder prepared for streaming: seeded noise, cropped, batched.
+
+    Args:
+        snac_model: a loaded `snac.SNAC` (left untouched: the codec keeps its own copy).
+        config: the `codec` section (context, lookahead, batch size, dtype, compile).
+        device: where to decode (a CUDA device gets its own stream).
+    """
+
+    def __init__(self, snac_model: nn.Module, config: CodecConfig, device: str | torch.device):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, config.dtype)
+        strides = list(getattr(snac_model, "vq_strides", []))
+        hop = int(np.prod(snac_model.decoder_rates))
+        if SAMPLES_PER_FRAME % hop or strides != [SAMPLES_PER_FRAME // hop // 2**i for i in range(3)]:
+            raise ModelLoadError(f"SNAC model with vq_strides {strides} and hop {hop} is not the 24 kHz Orpheus codec")
+        if getattr(snac_model, "attn_window_size", None) is not None:
+            raise ModelLoadError("SNAC models with local attention cannot be decoded in windows")
+        self.latents_per_frame = SAMPLES_PER_FRAME // hop  # 4: one L0 code per frame
+        self.quantizer = self._prepare(snac_model.quantizer, torch.float32)
+        self.decoder = self._prepare(snac_model.decoder, self.dtype)
+        layers = list(self.decoder.model)
+        blocks = [i for i, m in enumerate(layers) if isinstance(m, DecoderBlock)]
+        self._layers = layers
+        self._blocks = set(blocks)
+        # crop margin after block i, in that block's output samples: the receptive field of what follows
+        self._margins = {i: _receptive_margin(self._leaves(layers[i + 1 :])) + 1 for i in blocks}
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._forward = self._decode_group
+        if config.compile:
+            self._forward = torch.compile(self._decode_group, dynamic=True)
+
+    def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """A private copy with weight norm folded into plain weights, in eval mode on our device."""
+        module = copy.deepcopy(module)
+        for m in list(module.modules()):
+            if parametrize.is_parametrized(m):
+                # not remove_parametrizations: it edits the class the caller's model shares
+                weights = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+                m.__class__ = parametrize.type_before_parametrizations(m)
+                del m.parametrizations
+                for name, w in weights.items():
+                    m.register_parameter(name, nn.Parameter(w))
+        return module.to(self.device, dtype).eval().requires_grad_(False)
+
+    @staticmethod
+    def _leaves(layers: list[nn.Module]) -> list[nn.Module]:
+        return [m for layer in layers for m in layer.modules() if not list(m.children())]
+
+    def open_stream(self, seed: int | None = None) -> CodecStream:
+        """A stream for one request; `seed` fixes its noise (None: a random one)."""
+        seed = secrets.randbits(63) if seed is None else seed
+        return CodecStream(noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames)
+
+    def decode(self, windows: list[Window]) -> list[np.ndarray]:
+        """Decode `windows` (any requests, any shapes): float32 PCM to emit, one array per window."""
+        out: list[np.ndarray | None] = [None] * len(windows)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, w in enumerate(windows):
+            groups.setdefault(w.shape_key, []).append(i)
+        with torch.inference_mode(), torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext():
+            for (_, left, emit), idx in groups.items():
+                for lo in range(0, len(idx), self.config.max_batch):
+                    part = idx[lo : lo + self.config.max_batch]
+                    pcm = self._run([windows[i] for i in part], left, emit)  # (b, emit * 2048) on CPU
+                    for j, i in enumerate(part):
+                        out[i] = pcm[j]
+        return out  # type: ignore[return-value]
+
+    def decode_frames(self, frames: np.ndarray, seed: int) -> np.ndarray:
+        """Offline decode of a whole utterance (n, 7) in one window: the streaming reference."""
+        stream = self.open_stream(seed)
+        codes = np.asarray(frames, dtype=np.int64).reshape(-1, FRAME_TOKENS)  # (n, 7)
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.decode([Window(stream, codes, 0, 0, len(codes))])[0]
+
+    def _run(self, windows: list[Window], left: int, emit: int) -> np.ndarray:
+        codes = torch.from_numpy(np.stack([w.codes for w in windows])).to(self.device)  # (B, F, 7)
+        keys = torch.tensor([w.stream.key for w in windows], dtype=torch.int64, device=self.device)[:, None]  # (B, 1)
+        starts = torch.tensor([w.start for w in windows], dtype=torch.int64, device=self.device)[:, None]  # (B, 1)
+        pcm = self._forward(codes, keys, starts, left, emit)  # (B, emit * 2048)
+        return pcm.float().cpu().numpy()
+
+    def _decode_group(
+        self, codes: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor, left: int, emit: int
+    ) -> torch.Tensor:
+        """Equal-shape windows (B, F, 7) -> the emitted samples (B, emit * 2048)."""
+        b, f, _ = codes.shape
+        l0 = codes[:, :, 0]  # (B, F)
+        l1 = codes[:, :, _L1_COLS].reshape(b, 2 * f)  # (B, 2F)
+        l2 = codes[:, :, _L2_COLS].reshape(b, 4 * f)  # (B, 4F)
+        x = self.quantizer.from_codes([l0, l1, l2]).to(self.dtype)  # (B, latent_dim, 4F)
+        scale, rel = self.latents_per_frame, 0  # units per frame; window-relative offset of x[..., 0]
+        for i, layer in enumerate(self._layers):
+            if i not in self._blocks:
+                x = _snake(x, layer.alpha) if isinstance(layer, Snake1d) else layer(x)
+                continue
+            x, scale, rel = self._block(i, layer, x, keys, starts, scale, rel)
+            # keep the emitted frames plus what the later layers need of them
+            lo = max(0, left * scale - self._margins[i] - rel)
+            hi = min(x.shape[-1], (left + emit) * scale + self._margins[i] - rel)
+            x, rel = x[..., lo:hi], rel + lo  # (B, C, hi - lo)
+        a = left * SAMPLES_PER_FRAME - rel
+        return x[:, 0, a : a + emit * SAMPLES_PER_FRAME]  # (B, emit * 2048)
+
+    def _block(self, i: int, layer: nn.Module, x, keys, starts, scale: int, rel: int):
+        """One SNAC DecoderBlock: Snake, ConvTranspose, seeded noise, residual units."""
+        snake, up, *rest = layer.block
+        x = up(_snake(x, snake.alpha))  # (B, C_out, T * stride)
+        scale, rel = scale * up.stride[0], rel * up.stride[0]
+        for m in rest:
+            if isinstance(m, NoiseBlock):
+                positions = starts * scale + rel + torch.arange(x.shape[-1], device=x.device)  # (B, T) absolute
+                noise = hashed_normal(keys ^ _hash32(i), positions).to(x.dtype)  # (B, T)
+                x = x + noise[:, None, :] * m.linear(x)  # (B, C, T)
+            else:  # ResidualUnit
+                s1, conv1, s2, conv2 = m.block
+                x = x + conv2(_snake(conv1(_snake(x, s1.alpha)), s2.alpha))  # (B, C, T)
+        return x, scale, rel
+
+
+class AudioSink(Protocol):
+    """Where a request's PCM goes (`synthesizer.AudioStream` is one); called on the worker thread."""
+
+    def put(self, pcm: np.ndarray) -> None:
+        """Take one chunk of float32 PCM."""
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End the request's audio, normally or with `error`."""
+
+
+@dataclass(slots=True)
+class _Job:
+    stream: CodecStream
+    window: Window | None  # None: the end marker of a stream
+    sink: AudioSink
+
+
+class CodecWorker:
+    """Decodes the windows of every live request on one thread, one batch as soon as the last is done.
+
+    No polling and no fixed wait: `submit` wakes the thread through a condition variable, and it
+    takes every queued window (up to `codec.max_batch`, oldest first), so a lone request waits
+    only for its own decode, and under load batches grow by themselves. Each request's audio is
+    delivered in order; a cancelled stream's (or sink's) queued windows are dropped unseen.
+    """
+
+    def __init__(self, codec: SnacCodec, *, name: str = "snac-codec"):
+        self._codec = codec
+        self._jobs: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.batches = 0
+        self.windows = 0
+        self.decode_seconds = 0.0  # time spent in SNAC decode calls (the codec's share of the device)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, stream: CodecStream, windows: list[Window], sink: AudioSink, *, final: bool = False) -> None:
+        """Queue `windows` of `stream` for `sink`; with `final`, call `sink.finish()` after them."""
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("CodecWorker is closed")
+            self._jobs.extend(_Job(stream, w, sink) for w in windows)
+            if final:
+                self._jobs.append(_Job(stream, None, sink))
+            self._cv.notify()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has been called."""
+        return self._closed
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is queued or decoding; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued end with `RequestCancelled`."""
+        with self._cv:
+            self._closed = True
+            left, self._jobs = self._jobs, deque()
+            self._cv.notify_all()
+        self._thread.join()
+        for stream, sink in {id(j.stream): (j.stream, j.sink) for j in left}.values():
+            if not stream.cancelled:
+                sink.finish(RequestCancelled("the codec worker was closed"))
+
+    def __enter__(self) -> CodecWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take(self) -> list[_Job] | None:
+        with self._cv:
+            self._busy = False
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._jobs or self._closed)
+            if self._closed:
+                return None
+            batch, n = [], 0
+            while self._jobs and n < self._codec.config.max_batch:
+                job = self._jobs.popleft()
+                if not (job.stream.cancelled or getattr(job.sink, "cancelled", False)):
+                    batch.append(job)
+                    n += job.window is not None
+            self._busy = True
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            windows = [j.window for j in batch if j.window is not None]
+            t0 = time.perf_counter()
+            try:
+                pcm = iter(self._codec.decode(windows))
+            except Exception as e:  # noqa: BLE001 - every request in the batch gets the error
+                logger.exception(f"{self}: SNAC decode of {len(windows)} windows failed")
+                for stream, sink in {id(j.stream): (j.stream, j.sink) for j in batch}.values():
+                    stream.cancel()
+                    sink.finish(e)
+                continue
+            self.decode_seconds += time.perf_counter() - t0
+            self.batches += 1
+            self.windows += len(windows)
+            for job in batch:
+                chunk = next(pcm) if job.window is not None else None
+                if job.stream.cancelled:
+                    continue
+                if chunk is not None:
+                    job.sink.put(chunk)
+                else:
+                    job.sink.finish(None)

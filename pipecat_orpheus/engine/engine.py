@@ -1,0 +1,235 @@
+"""OrpheusEngine: one per process (per GPU), shared by every caller, with continuous batching.
+
+`submit()` (from any event loop) turns text into one prompt per piece, admits the request to a
+slot or the bounded queue (else `EngineBusy`), and returns an `AudioStream`. A background step
+thread runs the loop
+
+    schedule -> runner.step (decode graph + chunked prefill + GPU sampling) -> postprocess -> codec
+
+and hands each request's completed 7-token frames to its `CodecStream`; a `CodecWorker` thread
+decodes the ready windows of all requests in batches and puts the PCM on each caller's stream.
+Neither thread ever waits on a consumer, so a slow reader never stalls the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from loguru import logger
+
+from pipecat_orpheus import format as fmt
+from pipecat_orpheus.codec import CodecStream, CodecWorker, SnacCodec
+from pipecat_orpheus.config import Config
+from pipecat_orpheus.errors import ConfigError, RequestCancelled
+from pipecat_orpheus.synthesizer import AudioStream
+from pipecat_orpheus.text import split_text
+
+from .model import OrpheusLM
+from .request import Request, SamplingParams
+from .runner import ModelRunner
+from .scheduler import Scheduler, StepOutput
+
+_FRAME_OFFSETS = fmt.AUDIO_TOKEN_OFFSET + fmt.CODEBOOK_SIZE * np.arange(fmt.FRAME_TOKENS)  # (7,) token -> code
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since start: steps run, tokens generated and prefilled, seconds in steps."""
+
+    steps: int = 0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    busy_s: float = 0.0
+
+
+class OrpheusEngine:
+    """The batched Orpheus engine; implements `synthesizer.Synthesizer`.
+
+    Args:
+        llm: a loaded Orpheus `LlamaForCausalLM` on its device (weights are shared, not copied).
+        tokenizer: its tokenizer.
+        codec: a `SnacCodec` on the same device.
+        config: the whole configuration (engine, sampling, voices are used).
+        enforce_eager: never capture CUDA graphs (tests; always eager on CPU).
+    """
+
+    def __init__(self, llm, tokenizer, codec: SnacCodec, *, config: Config, enforce_eager: bool = False):
+        # -- model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.lm = OrpheusLM(llm, max_positions=config.engine.max_tokens_per_slot)
+        self.runner = ModelRunner(self.lm, config.engine, enforce_eager=enforce_eager)
+        # -- scheduling
+        self.scheduler = Scheduler(
+            max_slots=config.engine.max_slots,
+            max_queue=config.engine.max_queue,
+            max_tokens_per_slot=config.engine.max_tokens_per_slot,
+            prefill_chunk_tokens=config.engine.prefill_chunk_tokens,
+        )
+        self._cond = threading.Condition()
+        self._cancels: list[tuple[str, bool]] = []  # (request id, tell the stream) applied at the next step
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self.stats = EngineStats()
+        # -- audio
+        self.codec = codec
+        self.codec_worker = CodecWorker(codec, name="orpheus-codec")
+        self._codec_streams: dict[str, CodecStream] = {}
+        self.runner.capture_graphs()
+        self._thread = threading.Thread(target=self._loop, name="orpheus-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: Config, *, enforce_eager: bool = False) -> OrpheusEngine:
+        """Load the model and codec named in `config.model`, capture graphs and warm up (blocking)."""
+        from pipecat_orpheus.loader import load_models
+
+        llm, tokenizer, snac, device = load_models(config.model)
+        engine = cls(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config, enforce_eager=enforce_eager)
+        engine.warm_up()
+        return engine
+
+    # -- Synthesizer -------------------------------------------------------------------------
+
+    def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> AudioStream:
+        """Start speaking `text` (call from the event loop that reads the stream); `EngineBusy` when full."""
+        voice = voice or self.config.voices.default
+        if voice not in self.config.voices.available:
+            raise ConfigError("voice", f"{voice!r} is not one of {', '.join(self.config.voices.available)}")
+        sampling = sampling or SamplingParams.from_config(self.config.sampling)
+        pieces = split_text(text, self.config.engine.max_chars_per_piece) or [""]
+        prompts = [fmt.build_prompt(self.tokenizer, piece, voice) for piece in pieces]
+        stream = AudioStream(f"orpheus-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
+        return self._submit_prompts(prompts, sampling, stream)
+
+    def _submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams, stream) -> AudioStream:
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        request = Request(stream.request_id, prompts, sampling, seed, stream=stream)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("OrpheusEngine is closed")
+            self.scheduler.admit(request)  # raises EngineBusy (or ConfigError for a prompt too long)
+            self._requests[request.request_id] = request
+            self._codec_streams[request.request_id] = self.codec.open_stream(seed)
+            self._cond.notify()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the next step and its stream ends (RequestCancelled)."""
+        with self._cond:
+            self._cancels.append((request_id, True))
+            self._cond.notify()
+
+    @property
+    def active_requests(self) -> int:
+        """Requests holding a slot."""
+        return self.scheduler.num_running
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests waiting for a slot."""
+        return self.scheduler.num_waiting
+
+    def close(self) -> None:
+        """Stop the step thread and the codec worker; every request in flight ends with RequestCancelled."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        with self._cond:
+            for request_id in list(self._requests):
+                self._drop(request_id, notify=True)
+        self.codec_worker.close()
+
+    def warm_up(self) -> None:
+        """Run one short request end to end so the first caller pays no compile or allocation cost."""
+        done = threading.Event()
+
+        class _Sink:
+            request_id = "warm-up"
+            cancelled = False
+
+            def put(self, pcm: np.ndarray) -> None:
+                pass
+
+            def finish(self, error: BaseException | None = None) -> None:
+                done.set()
+
+        prompt = fmt.build_prompt(self.tokenizer, "Warm up.", self.config.voices.default)
+        self._submit_prompts([prompt], SamplingParams(max_tokens=4 * fmt.FRAME_TOKENS, min_tokens=28), _Sink())
+        done.wait()
+        self.codec_worker.wait_idle()
+
+    # -- the step thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._apply_cancels()
+                while not self._closed and not self._requests and not self._cancels:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._apply_cancels()
+                step = self.scheduler.schedule()
+            if step.empty:
+                continue
+            t0 = time.perf_counter()
+            try:
+                decoded, first = self.runner.step(step.decode, step.prefill)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
+                logger.exception(f"{self}: step failed")
+                with self._cond:
+                    for r in [*step.decode, *(c.request for c in step.prefill)]:
+                        self._drop(r.request_id, notify=False)
+                        r.stream.finish(e)
+                continue
+            with self._cond:
+                out = self.scheduler.postprocess(step, decoded.tolist(), first.tolist())
+                self._emit(out)
+            self.stats.steps += 1
+            self.stats.decode_tokens += len(step.decode) + len(first)
+            self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
+            self.stats.busy_s += time.perf_counter() - t0
+
+    def _apply_cancels(self) -> None:
+        cancels, self._cancels = self._cancels, []
+        for request_id, notify in cancels:
+            self._drop(request_id, notify=notify)
+
+    def _drop(self, request_id: str, *, notify: bool) -> None:
+        """Remove a request everywhere (caller holds the lock); its stream ends unless `notify` is False."""
+        self.scheduler.cancel(request_id)
+        request = self._requests.pop(request_id, None)
+        codec_stream = self._codec_streams.pop(request_id, None)
+        if codec_stream is not None:
+            codec_stream.cancel()
+        if request is not None and notify:
+            request.stream.finish(RequestCancelled(request_id))
+
+    def _emit(self, out: StepOutput) -> None:
+        """Completed frames to each request's codec stream; finished requests flush their tail."""
+        for request, ids in out.frames:
+            codec_stream = self._codec_streams.get(request.request_id)
+            if codec_stream is not None:
+                windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
+                if windows:
+                    self.codec_worker.submit(codec_stream, windows, request.stream)
+        for request in out.finished:
+            self._requests.pop(request.request_id, None)
+            codec_stream = self._codec_streams.pop(request.request_id, None)
+            if codec_stream is not None:
+                self.codec_worker.submit(codec_stream, codec_stream.finish(), request.stream, final=True)
+
+    def __repr__(self) -> str:
+        return f"OrpheusEngine(active={self.active_requests}, queued={self.queued_requests})"
+

@@ -1,0 +1,229 @@
+"""Everything the engine keeps on the GPU, and the two things it runs there: decode and prefill.
+
+The runner owns the static slotted KV cache (sized from config and checked against free memory
+at start), the per-slot sampling parameters and repetition-penalty presence masks, and the
+persistent input/output buffers. A step is: one H2D copy of a pinned int64 block (slots, tokens,
+positions, counters), a CUDA-graph replay of decode + sampling for the smallest captured batch
+size that fits (padding rows write to a dummy slot), the eager prefill of this step's prompt
+chunks queued behind it, and one D2H copy of the sampled tokens that the host waits for.
+With `enforce_eager` (and always on CPU) the same step function runs without graphs.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from pipecat_orpheus.config import EngineConfig
+from pipecat_orpheus.errors import ModelLoadError
+
+from .attention import triton_available
+from .model import OrpheusLM
+from .request import Request, SamplingParams
+from .sampler import N_HEAD_ROWS, SamplingRows, noise_key, sample
+from .scheduler import PrefillChunk
+
+_IN_ROWS = 5  # decode input block: slot, token, position, num_generated, noise_step
+_ACTIVATION_RESERVE = 2 * 2**30  # bytes kept free beyond the KV cache for activations and graphs
+
+
+def graph_ladder(max_batch: int) -> list[int]:
+    """Batch sizes captured as CUDA graphs: 1, 2, 4, 8, then steps of 16 to 128, of 32 beyond."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    sizes += list(range(16, min(max_batch, 128) + 1, 16)) + list(range(160, max_batch + 1, 32))
+    return sorted(set(s for s in sizes if s < max_batch) | {max_batch})
+
+
+class ModelRunner:
+    """Owns the GPU state of one engine and runs decode/prefill steps on it.
+
+    Args:
+        lm: the engine's forward (weights already on the device).
+        config: the `engine` section (slots, tokens per slot, CUDA graphs, memory fraction).
+        enforce_eager: never capture CUDA graphs (always true on CPU).
+    """
+
+    def __init__(self, lm: OrpheusLM, config: EngineConfig, *, enforce_eager: bool = False):
+        self.lm = lm
+        self.config = config
+        self.device = lm.device
+        self.max_slots = config.max_slots
+        self.max_len = config.max_tokens_per_slot
+        self.dummy_slot = config.max_slots  # padding rows of a graph bucket write here
+        self.use_graphs = self.device.type == "cuda" and config.cuda_graphs and not enforce_eager
+        self.use_triton = triton_available(self.device)
+        self._allocate()
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._buckets: list[int] = []
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the K and V caches for every slot (plus the dummy) and layer."""
+        lm = self.lm
+        per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * lm.dtype.itemsize
+        return per_token * (self.max_slots + 1) * self.max_len
+
+    def _allocate(self) -> None:
+        lm, s = self.lm, self.max_slots + 1
+        need = self.kv_cache_bytes() + s * N_HEAD_ROWS
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            allowed = int(free * self.config.gpu_memory_fraction) - _ACTIVATION_RESERVE
+            if need > allowed:
+                raise ModelLoadError(
+                    f"the KV cache needs {need / 2**30:.1f} GiB but only {max(allowed, 0) / 2**30:.1f} GiB of GPU "
+                    f"memory is available ({free / 2**30:.1f} GiB free x engine.gpu_memory_fraction "
+                    f"{self.config.gpu_memory_fraction}, minus {_ACTIVATION_RESERVE / 2**30:.0f} GiB for activations): "
+                    f"lower engine.max_slots ({self.max_slots}) or engine.max_tokens_per_slot ({self.max_len}), "
+                    "or raise engine.gpu_memory_fraction"
+                )
+        shape = (lm.num_layers, s, lm.num_kv_heads, self.max_len, lm.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=lm.dtype, device=self.device)  # (layers, S + 1, KVH, L, D)
+        self.v_cache = torch.zeros(shape, dtype=lm.dtype, device=self.device)  # (layers, S + 1, KVH, L, D)
+        logger.info(f"{self}: KV cache {2 * self.k_cache.nbytes / 2**30:.2f} GiB for {self.max_slots} slots")
+        # per-slot sampling state, set when a piece starts; read by index inside the graphs
+        self.temperature = torch.zeros(s, dtype=torch.float32, device=self.device)  # (S + 1,)
+        self.top_p = torch.ones(s, dtype=torch.float32, device=self.device)  # (S + 1,)
+        self.penalty = torch.ones(s, dtype=torch.float32, device=self.device)  # (S + 1,)
+        self.noise_key = torch.zeros(s, dtype=torch.int64, device=self.device)  # (S + 1,)
+        self.min_tokens = torch.zeros(s, dtype=torch.int64, device=self.device)  # (S + 1,)
+        self.presence = torch.zeros(s, N_HEAD_ROWS, dtype=torch.bool, device=self.device)  # (S + 1, head rows)
+        # step I/O: one pinned block in, the sampled tokens out
+        pin = self.device.type == "cuda"
+        self._host_in = torch.zeros(_IN_ROWS, s, dtype=torch.int64, pin_memory=pin)  # (5, S + 1)
+        self._dev_in = torch.zeros(_IN_ROWS, s, dtype=torch.int64, device=self.device)  # (5, S + 1)
+        self._dev_out = torch.zeros(2 * s, dtype=torch.int64, device=self.device)  # (2 (S + 1),) decode, then prefill
+        self._host_out = torch.zeros(2 * s, dtype=torch.int64, pin_memory=pin)  # (2 (S + 1),)
+        self._done = torch.cuda.Event() if pin else None
+
+    # -- per-slot state ----------------------------------------------------------------------
+
+    def start_piece(self, slot: int, sampling: SamplingParams, seed: int) -> None:
+        """A piece begins in `slot`: its sampling parameters, and an empty presence mask."""
+        self.temperature[slot] = sampling.temperature
+        self.top_p[slot] = sampling.top_p
+        self.penalty[slot] = sampling.repetition_penalty
+        self.noise_key[slot] = noise_key(seed)
+        self.min_tokens[slot] = sampling.min_tokens
+        self.presence[slot] = False
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
+        """Run one engine step; returns the sampled tokens of the decode rows and of the last chunks."""
+        n = len(decode)
+        bucket = 0
+        if n:
+            bucket = self._bucket(n)
+            host = self._host_in.numpy()  # (5, S + 1) view of the pinned block
+            host[:, :n] = [
+                [r.slot for r in decode],
+                [r.last_token for r in decode],
+                [r.num_prompt_tokens + r.num_generated - 1 for r in decode],
+                [r.num_generated for r in decode],
+                [r.num_generated_total for r in decode],
+            ]
+            host[:, n:bucket] = [[self.dummy_slot], [0], [0], [0], [0]]
+            self._dev_in[:, :bucket].copy_(self._host_in[:, :bucket], non_blocking=True)
+            if bucket in self._graphs:
+                self._graphs[bucket].replay()
+            else:
+                self._decode_step(bucket, max_len=int(host[2, :n].max()) + 1)
+        m = self._prefill(prefill, offset=bucket) if prefill else 0
+        self._host_out[: bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
+        if self._done is not None:
+            self._done.record()
+            self._done.synchronize()
+        tokens = self._host_out.numpy()
+        return tokens[:n].copy(), tokens[bucket : bucket + m].copy()
+
+    def _bucket(self, n: int) -> int:
+        if not self._buckets:
+            return n
+        return self._buckets[bisect.bisect_left(self._buckets, n)]
+
+    def _rows(self, slots: torch.Tensor, num_generated: torch.Tensor, noise_step: torch.Tensor) -> SamplingRows:
+        return SamplingRows(
+            temperature=self.temperature[slots],
+            top_p=self.top_p[slots],
+            repetition_penalty=self.penalty[slots],
+            noise_key=self.noise_key[slots],
+            noise_step=noise_step,
+            num_generated=num_generated,
+            min_tokens=self.min_tokens[slots],
+        )
+
+    def _decode_step(self, bs: int, *, max_len: int) -> None:
+        """Decode + sample `bs` rows from `_dev_in` into `_dev_out` (the body of each CUDA graph)."""
+        slots, tokens, positions, num_generated, noise_step = self._dev_in[:, :bs]  # (bs,) each
+        logits = self.lm.decode(
+            tokens, positions, slots, self.k_cache, self.v_cache, max_len=max_len, use_triton=self.use_triton
+        )  # (bs, head rows)
+        out = sample(logits, self.presence[slots], self._rows(slots, num_generated, noise_step))
+        self.presence[slots, out.head_rows] = True
+        self._dev_out[:bs] = out.token_ids
+
+    def _prefill(self, chunks: list[PrefillChunk], *, offset: int) -> int:
+        """Prefill `chunks` (eager); the first tokens of completed prompts go to `_dev_out[offset:]`."""
+        for c in chunks:
+            if c.start == 0:
+                self.start_piece(c.request.slot, c.request.sampling, c.request.seed)
+        t = max(c.end - c.start for c in chunks)
+        ids = np.zeros((len(chunks), t), dtype=np.int64)  # (N, T)
+        positions = np.full((len(chunks), t), -1, dtype=np.int64)  # (N, T), -1 = padding
+        for i, c in enumerate(chunks):
+            ids[i, : c.end - c.start] = c.request.prompt[c.start : c.end]
+            positions[i, : c.end - c.start] = np.arange(c.start, c.end)
+        slots = torch.tensor([c.request.slot for c in chunks], device=self.device)  # (N,)
+        hidden = self.lm.prefill(
+            torch.from_numpy(ids).to(self.device),
+            torch.from_numpy(positions).to(self.device),
+            slots,
+            self.k_cache,
+            self.v_cache,
+            dummy_slot=self.dummy_slot,
+        )  # (N, T, H)
+        last = [i for i, c in enumerate(chunks) if c.last]
+        if not last:
+            return 0
+        rows = torch.tensor(last, device=self.device)  # (M,)
+        cols = torch.tensor([chunks[i].end - chunks[i].start - 1 for i in last], device=self.device)  # (M,)
+        logits = self.lm.logits(hidden[rows, cols])  # (M, head rows)
+        first = slots[rows]  # (M,)
+        zeros = torch.zeros_like(first)  # (M,) the first token of a piece
+        noise_step = torch.tensor([chunks[i].request.num_generated_total for i in last], device=self.device)  # (M,)
+        out = sample(logits, self.presence[first], self._rows(first, zeros, noise_step))
+        self.presence[first, out.head_rows] = True
+        self._dev_out[offset : offset + len(last)] = out.token_ids
+        return len(last)
+
+    # -- CUDA graphs -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture the decode step for the batch-size ladder, largest first, sharing one memory pool."""
+        if not self.use_graphs:
+            return
+        ladder = graph_ladder(self.max_slots)
+        self._host_in[:] = torch.tensor([[self.dummy_slot], [0], [0], [0], [0]])
+        self._dev_in.copy_(self._host_in)
+        pool = None
+        for bs in tqdm(list(reversed(ladder)), desc="Capturing CUDA graphs", unit="graph"):
+            self._decode_step(bs, max_len=self.max_len)  # warm-up: compiles kernels, sizes the pool
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode_step(bs, max_len=self.max_len)
+            pool = graph.pool()
+            self._graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        self._buckets = ladder
+
+    def __repr__(self) -> str:
+        return f"ModelRunner(slots={self.max_slots}, tokens_per_slot={self.max_len}, device={self.device})"

@@ -1,0 +1,210 @@
+"""Slots, the bounded wait queue, and what each engine step runs. Pure Python: no torch here.
+
+A request joins a free slot at once or waits in a FIFO queue of at most `max_queue`; past that,
+`admit` raises `EngineBusy`. Each step decodes every request in DECODE and prefills at most
+`prefill_chunk_tokens` prompt tokens of those in PREFILL (one chunk per request, oldest first),
+so joining requests never stall the live ones. A finished or cancelled request leaves its slot
+at once and the oldest waiting request takes it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pipecat_orpheus.errors import ConfigError, EngineBusy
+from pipecat_orpheus.format import END_OF_SPEECH, FRAME_TOKENS
+
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Prompt positions [start, end) of `request`'s current piece, prefilled in one step."""
+
+    request: Request
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """Whether this chunk completes the prompt (its last logits give the first audio token)."""
+        return self.end == self.request.num_prompt_tokens
+
+
+@dataclass(slots=True)
+class ScheduledStep:
+    """What one engine step runs: a decode batch (by slot) and prefill chunks."""
+
+    decode: list[Request]
+    prefill: list[PrefillChunk]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to run."""
+        return not self.decode and not self.prefill
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What a step produced: completed 7-token frames (in order) and requests that finished."""
+
+    frames: list[tuple[Request, list[int]]] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+
+
+class Scheduler:
+    """The slot pool and wait queue of one engine; single-threaded (the engine holds a lock).
+
+    Args:
+        max_slots: requests decoded together (one KV-cache slot each).
+        max_queue: requests that may wait for a slot; beyond it `admit` raises `EngineBusy`.
+        max_tokens_per_slot: KV-cache positions per slot (prompt + audio tokens).
+        prefill_chunk_tokens: prompt tokens prefilled per step over all joining requests.
+    """
+
+    def __init__(self, *, max_slots: int, max_queue: int, max_tokens_per_slot: int, prefill_chunk_tokens: int):
+        self.max_slots = max_slots
+        self.max_queue = max_queue
+        self.max_tokens_per_slot = max_tokens_per_slot
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps batches compact
+        self._slots: list[Request | None] = [None] * max_slots
+        self._waiting: deque[Request] = deque()
+        self._prefilling: deque[Request] = deque()  # PREFILL requests, oldest first
+        self._requests: dict[str, Request] = {}  # every waiting or live request by id
+
+    # -- admission ---------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot."""
+        return self.max_slots - len(self._free)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._waiting)
+
+    def can_admit(self) -> bool:
+        """Whether `admit` would accept a request now (a free slot or room in the queue)."""
+        return bool(self._free) or len(self._waiting) < self.max_queue
+
+    def admit(self, request: Request) -> None:
+        """Give `request` a free slot, or queue it; `EngineBusy` when neither is possible."""
+        for prompt in request.prompts:
+            if self.max_tokens_per_slot - len(prompt) < FRAME_TOKENS:
+                raise ConfigError(
+                    "engine.max_tokens_per_slot",
+                    f"a prompt of {len(prompt)} tokens leaves no room for audio in {self.max_tokens_per_slot} "
+                    "positions; raise it or lower engine.max_chars_per_piece",
+                )
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if not self.can_admit():
+            raise EngineBusy(
+                f"all {self.max_slots} slots are busy and {self.max_queue} requests are waiting "
+                "(engine.max_slots, engine.max_queue)"
+            )
+        self._requests[request.request_id] = request
+        if self._free:
+            self._join(request, heapq.heappop(self._free))
+        else:
+            request.status = RequestStatus.WAITING
+            self._waiting.append(request)
+
+    def cancel(self, request_id: str) -> Request | None:
+        """Drop a waiting or live request and free its slot; None if it is unknown or done."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is RequestStatus.WAITING:
+            self._waiting.remove(request)
+        else:
+            if request.status is RequestStatus.PREFILL:
+                self._prefilling.remove(request)
+            self._release(request)
+        request.status = RequestStatus.CANCELLED
+        return request
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep:
+        """The decode batch (every DECODE request, by slot) and this step's prefill chunks."""
+        decode = [r for r in self._slots if r is not None and r.status is RequestStatus.DECODE]
+        chunks: list[PrefillChunk] = []
+        budget = self.prefill_chunk_tokens
+        for request in self._prefilling:
+            if budget == 0:
+                break
+            n = min(request.num_prompt_tokens - request.num_prefilled, budget)
+            chunks.append(PrefillChunk(request, request.num_prefilled, request.num_prefilled + n))
+            budget -= n
+        return ScheduledStep(decode, chunks)
+
+    def postprocess(
+        self, step: ScheduledStep, decode_tokens: Sequence[int], prefill_tokens: Sequence[int]
+    ) -> StepOutput:
+        """Apply a step's sampled tokens: one per decode row, one per prefill chunk that was `last`."""
+        out = StepOutput()
+        first_tokens = iter(prefill_tokens)
+        for chunk in step.prefill:
+            request = chunk.request
+            token = next(first_tokens) if chunk.last else None
+            if request.status is not RequestStatus.PREFILL:
+                continue
+            request.num_prefilled = chunk.end
+            if token is not None:
+                self._prefilling.remove(request)
+                request.status = RequestStatus.DECODE
+                self._append(request, token, out)
+        for request, token in zip(step.decode, decode_tokens, strict=True):
+            if request.status is RequestStatus.DECODE:
+                self._append(request, token, out)
+        return out
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _join(self, request: Request, slot: int) -> None:
+        request.slot = slot
+        self._slots[slot] = request
+        self._start_piece(request)
+
+    def _start_piece(self, request: Request) -> None:
+        request.status = RequestStatus.PREFILL
+        request.num_prefilled = 0
+        request.num_generated = 0
+        request.output_ids.append([])
+        room = min(request.sampling.max_tokens, self.max_tokens_per_slot - request.num_prompt_tokens)
+        request.max_new_tokens = room - room % FRAME_TOKENS  # whole frames: SNAC never sees a partial one
+        self._prefilling.append(request)
+
+    def _append(self, request: Request, token: int, out: StepOutput) -> None:
+        ids = request.output_ids[-1]
+        ids.append(token)
+        if token != END_OF_SPEECH:
+            request.num_generated += 1
+            request.num_generated_total += 1
+            if request.num_generated % FRAME_TOKENS == 0:
+                out.frames.append((request, ids[-FRAME_TOKENS:]))
+        if token == END_OF_SPEECH or request.num_generated >= request.max_new_tokens:
+            if request.piece + 1 < len(request.prompts):
+                request.piece += 1
+                self._start_piece(request)
+            else:
+                self._requests.pop(request.request_id, None)
+                self._release(request)
+                request.status = RequestStatus.FINISHED
+                out.finished.append(request)
+
+    def _release(self, request: Request) -> None:
+        slot = request.slot
+        assert slot is not None and self._slots[slot] is request
+        self._slots[slot] = None
+        request.slot = None
+        if self._waiting:
+            self._join(self._waiting.popleft(), slot)
+        else:
+            heapq.heappush(self._free, slot)

@@ -1,0 +1,248 @@
+"""The simple, obviously correct synthesis path that the batched engine is tested against.
+
+One request at a time on a worker thread: text -> pieces (text.split_text) -> Orpheus prompt ->
+token-by-token decoding with the transformers model and a `DynamicCache` -> 7-token frames ->
+`codec.CodecStream` windows -> PCM. Sampling uses transformers' own logits processors, in this
+order for every step:
+
+1. repetition penalty over the tokens this piece has generated so far (not the prompt);
+2. the audio constraint: at frame position k only the 4096 tokens of position k are allowed,
+   plus END_OF_SPEECH at frame boundaries (k == 0);
+3. greedy argmax when temperature == 0, else temperature, then top-p, then one multinomial draw
+   from a `torch.Generator` seeded with `SamplingParams.seed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from loguru import logger
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from pipecat_orpheus import format as fmt
+from pipecat_orpheus.codec import SnacCodec, Window
+from pipecat_orpheus.config import Config
+from pipecat_orpheus.engine.request import SamplingParams
+from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled
+from pipecat_orpheus.synthesizer import AudioStream
+from pipecat_orpheus.text import split_text
+
+
+def audio_constraint(scores: torch.Tensor, position: int) -> torch.Tensor:
+    """Scores (1, V) with every token not allowed at frame position `position` set to -inf."""
+    start, end = fmt.allowed_token_range(position)
+    out = torch.full_like(scores, float("-inf"))  # (1, V)
+    out[:, start:end] = scores[:, start:end]
+    if position == 0:  # speech may only end between frames
+        out[:, fmt.END_OF_SPEECH] = scores[:, fmt.END_OF_SPEECH]
+    return out
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded with `seed` (None: a fresh random seed)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def generate_tokens(
+    model: Any,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+    *,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield the audio tokens the model generates for `prompt_ids`, one per decoding step.
+
+    Stops after END_OF_SPEECH (not yielded) or `sampling.max_tokens` steps. Every yielded token
+    is an audio token of the right frame position. The caller may stop iterating at any time
+    (cancellation); the KV cache is then dropped.
+    """
+    device = next(model.parameters()).device
+    generator = generator if generator is not None else make_generator(sampling.seed, device)
+    penalty = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        penalty.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    warpers = LogitsProcessorList()
+    if not sampling.greedy:
+        warpers += [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
+    cache = DynamicCache(config=model.config)
+    generated = torch.zeros((1, 0), dtype=torch.long, device=device)  # (1, G): this piece's tokens
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
+    for step in range(sampling.max_tokens):
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, V)
+            scores = logits[:, -1, :].float()  # (1, V)
+            scores = penalty(generated, scores)
+            scores = audio_constraint(scores, step % fmt.FRAME_TOKENS)
+            if sampling.greedy:
+                token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+            else:
+                probs = torch.softmax(warpers(generated, scores), dim=-1)  # (1, V)
+                token = torch.multinomial(probs, 1, generator=generator)  # (1, 1)
+        token_id = int(token)
+        if token_id == fmt.END_OF_SPEECH:
+            return
+        yield token_id
+        generated = torch.cat([generated, token], dim=1)  # (1, G + 1)
+        input_ids = token  # (1, 1)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    pieces: list[str]
+    voice: str
+    sampling: SamplingParams
+    stream: AudioStream
+
+
+class ReferenceSynthesizer:
+    """A `Synthesizer` that runs one request at a time through `generate_tokens` and the codec.
+
+    Requests wait in a bounded queue (`engine.max_queue`); past it `submit` raises `EngineBusy`.
+    Cancelling a stream stops its generation at the next token.
+
+    Args:
+        llm: a loaded Orpheus `LlamaForCausalLM` (eval mode).
+        tokenizer: its tokenizer.
+        codec: a `SnacCodec` on the same device.
+        config: the whole configuration (engine, sampling and voices sections are used).
+    """
+
+    def __init__(self, llm: Any, tokenizer: Any, codec: SnacCodec, *, config: Config):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.config = config
+        self._ids = itertools.count()
+        self._queue: deque[_Request] = deque()
+        self._active: _Request | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="orpheus-reference", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_config(cls, config: Config) -> ReferenceSynthesizer:
+        """Load the model and codec named in `config.model` (blocking) and start the worker."""
+        from pipecat_orpheus.loader import load_models
+
+        llm, tokenizer, snac, device = load_models(config.model)
+        return cls(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config)
+
+    # -- Synthesizer -----------------------------------------------------------------------
+
+    def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> AudioStream:
+        """Queue `text` for speech; call from the event loop that will read the returned stream."""
+        voice = voice or self.config.voices.default
+        if voice not in self.config.voices.available:
+            raise ConfigError("voice", f"{voice!r} is not one of {', '.join(self.config.voices.available)}")
+        sampling = sampling or SamplingParams.from_config(self.config.sampling)
+        stream = AudioStream(f"ref-{next(self._ids)}", asyncio.get_running_loop(), self._cancel)
+        request = _Request(
+            stream.request_id, split_text(text, self.config.engine.max_chars_per_piece), voice, sampling, stream
+        )
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("ReferenceSynthesizer is closed")
+            waiting = len(self._queue) - (self._active is None)  # the head of the queue is about to run
+            if waiting >= self.config.engine.max_queue:
+                raise EngineBusy(f"one request is generating and {waiting} are queued (engine.max_queue)")
+            self._queue.append(request)
+            self._cond.notify()
+        return stream
+
+    @property
+    def active_requests(self) -> int:
+        """1 while a request is generating, else 0."""
+        return int(self._active is not None)
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests waiting for the worker."""
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Cancel everything queued or running and stop the worker thread."""
+        with self._cond:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify()
+        for request in queued:
+            request.stream.finish(RequestCancelled(request.id))
+        self._worker.join()
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _cancel(self, request_id: str) -> None:
+        with self._cond:
+            for request in [r for r in self._queue if r.id == request_id]:
+                self._queue.remove(request)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._active = self._queue.popleft()
+            request = self._active
+            try:
+                self._synthesize(request)
+                request.stream.finish(RequestCancelled(request.id) if self._closed else None)
+            except Exception as e:  # the caller gets the error through its stream; the worker goes on
+                logger.exception(f"{self}: request {request.id} failed")
+                request.stream.finish(e)
+            finally:
+                with self._cond:
+                    self._active = None
+
+    def _synthesize(self, request: _Request) -> None:
+        """Speak every piece of the request into one codec stream: one continuous utterance."""
+
+        def stopped() -> bool:
+            return request.stream.cancelled or self._closed
+
+        device = next(self.llm.parameters()).device
+        generator = make_generator(request.sampling.seed, device)
+        codec_stream = self.codec.open_stream(request.sampling.seed)
+        for piece in request.pieces:
+            prompt = fmt.build_prompt(self.tokenizer, piece, request.voice)
+            frame: list[int] = []
+            for token in generate_tokens(self.llm, prompt, request.sampling, generator=generator):
+                if stopped():
+                    return
+                frame.append(token)
+                if len(frame) == fmt.FRAME_TOKENS:
+                    self._emit(request, codec_stream.push(fmt.frame_to_codes(frame)))
+                    frame = []
+            if stopped():
+                return
+        self._emit(request, codec_stream.finish())
+
+    def _emit(self, request: _Request, windows: list[Window]) -> None:
+        if windows:
+            for pcm in self.codec.decode(windows):
+                request.stream.put(pcm)
+
+    def __repr__(self) -> str:
+        return f"ReferenceSynthesizer(active={self.active_requests}, queued={self.queued_requests})"

@@ -1,0 +1,437 @@
+"""`pipecat-orpheus serve`: the WebSocket shell around `session.Session` and a shared `Synthesizer`.
+
+Thin on purpose: `process_request` answers `/healthz` and `/metrics` and checks the API key
+(401 before the upgrade); each stream is an `asyncio.TaskGroup` of a `recv` task (frames ->
+session), a `send` task (session outbox -> frames) and one `synth` task per piece being spoken
+(speech source -> session). The tasks meet only in the session, whose outbox is bounded by
+`limits.max_unsent_audio_s`; the send task sleeps on an event, never polls. Whatever ends a
+stream, its `finally` cancels its engine requests, which frees their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import hmac
+import itertools
+import os
+import signal
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qs, urlsplit
+
+from loguru import logger
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from pipecat_orpheus import metrics
+from pipecat_orpheus import protocol as p
+from pipecat_orpheus.config import Config
+from pipecat_orpheus.engine.request import SamplingParams
+from pipecat_orpheus.errors import ConfigError, EngineBusy, ProtocolError
+from pipecat_orpheus.format import SAMPLE_RATE
+from pipecat_orpheus.session import Abort, Close, Session, Start, Stop
+from pipecat_orpheus.synthesizer import AudioStream, Synthesizer, load_synthesizer
+
+STREAM_PATHS = ("/api/tts_streaming", "/ws")  # Kyutai's path, and a short alias
+GOING_AWAY = 1001  # RFC 6455: server shutting down
+TRY_AGAIN_LATER = 1013  # RFC 6455: at capacity (Kyutai: "no free channels")
+
+
+class _Closed(Exception):
+    """Raised by a stream's task when the stream is over, so the TaskGroup cancels the others."""
+
+
+class OrpheusServer:
+    """A running server: its address, its shared synthesizer, its open streams; see `serve`."""
+
+    def __init__(
+        self,
+        config: Config,
+        synthesizer: Synthesizer | None = None,
+        *,
+        # Network
+        host: str | None = None,
+        port: int | None = None,
+        # Auth
+        api_keys: Sequence[str] | None = None,
+        # Timeouts
+        close_timeout_s: float = 10.0,
+    ):
+        """Configure a server; `start()` binds it.
+
+        Args:
+            config: the whole configuration (`server`, `limits`, `voices`, `sampling` are used).
+            synthesizer: the shared speech source; None while it loads (`/healthz` says 503).
+            host: overrides `server.host`.
+            port: overrides `server.port` (0: any free port; read it back from `port`).
+            api_keys: accepted keys; None reads the comma-separated env var `server.api_key_env`.
+            close_timeout_s: how long a closing handshake may take before the socket is dropped.
+        """
+        self.config = config
+        self.synthesizer = synthesizer
+        self.host = config.server.host if host is None else host
+        self._port = config.server.port if port is None else port
+        if api_keys is None:
+            api_keys = os.environ.get(config.server.api_key_env, "").split(",")
+        # Keys are kept only as digests: compared in constant time, never logged.
+        self._key_digests = [_digest(k.strip()) for k in api_keys if k.strip()]
+        self._close_timeout_s = close_timeout_s
+        self._sampling = SamplingParams.from_config(config.sampling)
+        self._ws: Server | None = None
+        self._streams: set[_Stream] = set()
+        self._ids = itertools.count(1)
+        self.draining = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start accepting; a port in use is a `ConfigError` naming `server.port`."""
+        try:
+            self._ws = await ws_serve(
+                self._handle,
+                self.host,
+                self._port,
+                process_request=self._process_request,
+                compression=None,  # PCM barely compresses; deflate costs ~300 KiB per connection
+                max_size=self.config.limits.max_message_bytes,
+                ping_interval=self.config.server.ping_interval_s,
+                ping_timeout=self.config.server.ping_timeout_s,
+                close_timeout=self._close_timeout_s,
+            )
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError("server.port", f"{self.host}:{self._port} is already in use") from e
+            raise ConfigError("server.host", f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
+        self._port = self._ws.sockets[0].getsockname()[1]
+        metrics.ENGINE_ACTIVE.set_function(lambda: self.synthesizer.active_requests if self.synthesizer else 0)
+        metrics.ENGINE_QUEUED.set_function(lambda: self.synthesizer.queued_requests if self.synthesizer else 0)
+        if not self._key_digests:
+            logger.warning(
+                f"{self}: NO API KEYS CONFIGURED ({self.config.server.api_key_env} is empty): "
+                "anyone who can reach this port may use it"
+            )
+        logger.info(f"{self}: listening on {self.url}")
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let streams finish their work for up to `grace_s`, then close them with 1001."""
+        if self._ws is None or self.draining:
+            return
+        self.draining = True  # new handshakes now get 503
+        grace = self.config.server.shutdown_grace_s if grace_s is None else grace_s
+        busy = [s.idle.wait() for s in self._streams]
+        if busy:
+            logger.info(f"{self}: shutting down; {len(busy)} streams get up to {grace} s to finish")
+            try:
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*busy)
+            except TimeoutError:
+                left = sum(not s.idle.is_set() for s in self._streams)
+                logger.warning(f"{self}: {left} streams still busy after {grace} s; cancelling their work")
+        self._ws.close()  # closes the listener and every open stream with 1001
+        await self._ws.wait_closed()
+        logger.info(f"{self}: stopped")
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when configured as 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The stream endpoint, e.g. `ws://127.0.0.1:8000/api/tts_streaming`."""
+        return f"ws://{self.host}:{self._port}{STREAM_PATHS[0]}"
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open right now."""
+        return len(self._streams)
+
+    def __str__(self) -> str:
+        return "OrpheusServer"
+
+    # -- HTTP, before the upgrade ----------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == "/healthz":
+            if self.draining:
+                return _plain(503, "shutting down\n")
+            return _plain(200, "ok\n") if self.synthesizer is not None else _plain(503, "loading\n")
+        if url.path == "/metrics":
+            body, content_type = metrics.render()
+            return Response(200, "OK", Headers([("Content-Type", content_type)]), body)
+        if url.path not in STREAM_PATHS:
+            return _plain(404, f"not found; the stream is at {STREAM_PATHS[0]}\n")
+        if self.draining:
+            metrics.CONNECTIONS_TOTAL.labels("shutting_down").inc()
+            return _plain(503, "server is shutting down\n")
+        query = parse_qs(url.query)
+        if self._key_digests and not self._authorized(request, query):
+            metrics.CONNECTIONS_TOTAL.labels("unauthorized").inc()
+            logger.info(f"{self}: refused {_peer(connection)}: missing or invalid API key")
+            response = _plain(401, "missing or invalid API key\n")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        fmt = query.get("format", [p.FORMATS[0]])[-1]
+        if fmt not in p.FORMATS:
+            return _plain(400, f"unsupported format {fmt!r}; supported: {', '.join(p.FORMATS)}\n")
+        return None
+
+    def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
+        """Whether any offered key matches any configured one; every comparison runs (constant time)."""
+        offered = [request.headers.get("kyutai-api-key"), *query.get("auth_id", [])]
+        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer":
+            offered.append(token.strip())
+        ok = False
+        for key in offered:
+            if key is not None:
+                digest = _digest(key)
+                for known in self._key_digests:
+                    ok |= hmac.compare_digest(digest, known)
+        return ok
+
+    # -- one stream ------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        n = next(self._ids)
+        limits = self.config.limits
+        if self.synthesizer is None or len(self._streams) >= limits.max_connections:
+            why = "the model is loading" if self.synthesizer is None else "limits.max_connections reached"
+            metrics.CONNECTIONS_TOTAL.labels("busy").inc()
+            metrics.ERRORS_TOTAL.labels("busy").inc()
+            logger.warning(f"{self}: refused stream {n} from {_peer(ws)}: {why}")
+            await ws.send(p.encode(p.Error(f"server at capacity: {why}", code="busy")))
+            await ws.close(TRY_AGAIN_LATER, "busy")
+            return
+        query = parse_qs(urlsplit(ws.request.path).query)
+        voice = query.get("voice", [self.config.voices.default])[-1]
+        if voice not in self.config.voices.available:  # e.g. a Kyutai voice path: keep the client working
+            logger.warning(f"{self}: stream {n}: unknown voice {voice!r}; using {self.config.voices.default!r}")
+            voice = self.config.voices.default
+        session = Session(
+            limits=limits,
+            voices=self.config.voices,
+            voice=voice,
+            max_chars_per_piece=self.config.engine.max_chars_per_piece,
+        )
+        pcm16 = query.get("format", [p.FORMATS[0]])[-1] == "Pcm16MessagePack"
+        stream = _Stream(n, ws, session, self.synthesizer, self._sampling, pcm16, self._close_timeout_s)
+        self._streams.add(stream)
+        metrics.CONNECTIONS.inc()
+        metrics.CONNECTIONS_TOTAL.labels("accepted").inc()
+        logger.debug(f"{self}: stream {n} from {_peer(ws)} (voice={voice}, pcm16={pcm16})")
+        try:
+            await stream.run()
+        finally:
+            self._streams.discard(stream)
+            metrics.CONNECTIONS.dec()
+            logger.debug(f"{self}: stream {n} closed ({ws.close_code})")
+
+
+class _Stream:
+    """The tasks of one WebSocket stream around its `Session`."""
+
+    def __init__(
+        self,
+        n: int,
+        ws: ServerConnection,
+        session: Session,
+        synthesizer: Synthesizer,
+        sampling: SamplingParams,
+        pcm16: bool,
+        close_timeout_s: float,
+    ):
+        self.n, self.ws, self.session, self.synthesizer = n, ws, session, synthesizer
+        self.sampling, self.pcm16, self.close_timeout_s = sampling, pcm16, close_timeout_s
+        self.idle = asyncio.Event()  # set while the session has no work: shutdown may close it
+        self._wake = asyncio.Event()  # the outbox has something for the send task
+        self._audio: dict[int, AudioStream] = {}
+        self._tg: asyncio.TaskGroup | None = None
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.session.start()
+                self._apply()
+                tg.create_task(self._recv(), name=f"recv-{self.n}")
+                tg.create_task(self._send(), name=f"send-{self.n}")
+        except* _Closed:
+            pass
+        finally:
+            for audio in self._audio.values():  # a disconnect frees the engine slots now
+                audio.cancel()
+            self._audio.clear()
+            self.idle.set()  # nothing left for a shutdown to wait for
+
+    async def _recv(self) -> None:
+        try:
+            async for data in self.ws:
+                try:
+                    message = p.decode_client(data)
+                except ProtocolError as e:
+                    self.session.error(e)
+                else:
+                    self.session.receive(message)
+                self._apply()
+        except ConnectionClosed:
+            pass
+        raise _Closed
+
+    async def _send(self) -> None:
+        try:
+            while True:
+                item = self.session.pop()
+                if item is None:
+                    self._update_idle()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if isinstance(item, Close):
+                    await self.ws.close(item.code, item.reason)
+                    raise _Closed
+                if isinstance(item, p.Error):
+                    metrics.ERRORS_TOTAL.labels(item.code or "internal").inc()
+                await self.ws.send(p.encode(item, pcm16=self.pcm16))
+        except ConnectionClosed:
+            raise _Closed from None
+
+    async def _synth(self, key: int, audio: AudioStream) -> None:
+        loop = asyncio.get_running_loop()
+        started = last = loop.time()
+        samples, error = 0, None
+        metrics.STREAMS.inc()
+        try:
+            async for chunk in audio:
+                now = loop.time()
+                (metrics.CHUNK_GAP if samples else metrics.TIME_TO_FIRST_AUDIO).observe(
+                    now - (last if samples else started)
+                )
+                last, samples = now, samples + len(chunk)
+                self.session.audio(key, chunk)
+                self._apply()
+        except Exception as e:  # an engine failure on this request ends this piece only
+            error = e
+        finally:
+            audio.cancel()  # no-op once finished; on teardown (disconnect) it frees the slot
+            metrics.STREAMS.dec()
+            metrics.AUDIO_SECONDS_TOTAL.inc(samples / SAMPLE_RATE)
+            if self._audio.get(key) is audio:
+                del self._audio[key]
+        if audio.cancelled:
+            metrics.PIECES_TOTAL.labels("cancelled").inc()
+            return
+        metrics.PIECES_TOTAL.labels("done" if error is None else "error").inc()
+        metrics.PIECE_AUDIO.observe(samples / SAMPLE_RATE)
+        self.session.finished(key, error)
+        self._apply()
+
+    def _apply(self) -> None:
+        """Carry out what the session asked for, then wake the send task if there is output."""
+        while actions := self.session.take_actions():
+            for action in actions:
+                if isinstance(action, Start):
+                    piece = action.piece
+                    try:
+                        audio = self.synthesizer.submit(piece.text, voice=piece.voice, sampling=self.sampling)
+                    except EngineBusy as e:
+                        metrics.PIECES_TOTAL.labels("busy").inc()
+                        self.session.finished(piece.key, e)
+                        continue
+                    self._audio[piece.key] = audio
+                    self._tg.create_task(self._synth(piece.key, audio), name=f"synth-{self.n}-{piece.key}")
+                elif isinstance(action, Stop):
+                    audio = self._audio.pop(action.key, None)
+                    if audio is not None:
+                        audio.cancel()
+                elif isinstance(action, Abort):
+                    self._tg.create_task(self._abort(action.code, action.reason), name=f"abort-{self.n}")
+        if self.session.outbox:
+            self._wake.set()
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self.session.idle:
+            self.idle.set()
+        else:
+            self.idle.clear()
+
+    async def _abort(self, code: int, reason: str) -> None:
+        """Close a stream whose client stopped reading: its buffers are full, so don't wait long."""
+        try:
+            async with asyncio.timeout(self.close_timeout_s):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
+        raise _Closed
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()  # fixed length, so compare_digest leaks nothing
+
+
+def _plain(status: int, text: str) -> Response:
+    return Response(status, "", Headers([("Content-Type", "text/plain; charset=utf-8")]), text.encode())
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
+
+
+@asynccontextmanager
+async def serve(
+    config: Config,
+    synthesizer: Synthesizer | None,
+    *,
+    # Network
+    host: str | None = None,
+    port: int | None = None,
+    # Auth
+    api_keys: Sequence[str] | None = None,
+    # Timeouts
+    close_timeout_s: float = 10.0,
+) -> AsyncIterator[OrpheusServer]:
+    """Serve `synthesizer` while the context is open, then shut down gracefully (tests: `port=0`).
+
+    Args are those of `OrpheusServer`.
+    """
+    server = OrpheusServer(
+        config, synthesizer, host=host, port=port, api_keys=api_keys, close_timeout_s=close_timeout_s
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+def run(config: Config) -> None:
+    """Bind, load the speech source (off the event loop), serve until SIGTERM/SIGINT, then drain."""
+    asyncio.run(_run(config))
+
+
+async def _run(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = OrpheusServer(config)
+    await server.start()  # bind first: a port in use fails before a long model load
+    synthesizer = None
+    try:
+        synthesizer = await asyncio.to_thread(load_synthesizer, config)
+        server.synthesizer = synthesizer
+        logger.info(f"{server}: ready")
+        await stop.wait()
+        logger.info(f"{server}: signal received, shutting down")
+    finally:
+        await server.shutdown()
+        if synthesizer is not None:
+            synthesizer.close()

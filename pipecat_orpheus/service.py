@@ -1,0 +1,286 @@
+"""`OrpheusTTSService`: Orpheus speech in a Pipecat pipeline, from this process or from a server.
+
+One class, two sources of audio, picked by the constructor: without `url` it submits each
+sentence to the process-wide shared `Synthesizer` (one engine per process, loaded once, shared by
+every pipeline); with `url` it streams from an Orpheus server (ours or the Modal deployment)
+through `OrpheusClient`. Either way one sentence becomes one cancellable stream of 24 kHz float32
+PCM, so everything Pipecat-facing (frames, resampling, metrics, word times, interruption, errors)
+is written once and the modes differ only in `_local_speech` and `_remote_speech`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from loguru import logger
+from pipecat.audio.utils import create_stream_resampler
+from pipecat.frames.frames import CancelFrame, EndFrame, Frame, StartFrame, TTSAudioRawFrame
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
+from pipecat.utils.errors import ErrorCategory
+from pipecat.utils.tracing.service_decorators import traced_tts
+from pipecat.utils.types import NOT_GIVEN, NotGiven
+
+from pipecat_orpheus import format as fmt
+from pipecat_orpheus.client import OrpheusClient
+from pipecat_orpheus.config import Config, load_config
+from pipecat_orpheus.engine.request import SamplingParams
+from pipecat_orpheus.errors import AuthError, ConfigError, EngineBusy, ModelLoadError, ProtocolError, RequestCancelled
+from pipecat_orpheus.pcm import float_to_pcm16_bytes
+from pipecat_orpheus.synthesizer import AudioStream, Synthesizer, load_synthesizer
+from pipecat_orpheus.text import word_timings
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "max_tokens")
+
+Word = tuple[str, float]  # (word, start in seconds from the start of its sentence's audio)
+
+
+@dataclass
+class OrpheusTTSSettings(TTSSettings):
+    """Runtime-updatable settings of `OrpheusTTSService` (send a `TTSUpdateSettingsFrame`).
+
+    Parameters:
+        temperature: Sampling temperature (0 = greedy); Orpheus sounds best near 0.6.
+        top_p: Nucleus sampling mass, in (0, 1].
+        repetition_penalty: >= 1.1 keeps Orpheus from looping.
+        max_tokens: Audio tokens per sentence at most (82 tokens = 1 s of audio).
+    """
+
+    temperature: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    top_p: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    repetition_penalty: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    max_tokens: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+class OrpheusTTSService(TTSService):
+    """Orpheus TTS, local (in-process shared engine) or remote (Orpheus WebSocket server).
+
+    Audio is 24 kHz mono, pushed as it is decoded and resampled to the pipeline's output rate
+    when that differs. Word times are estimated from the audio actually generated and are
+    cumulative over the sentences of a turn, so only words the listener heard reach the
+    conversation context. An interruption cancels the engine request (or the server utterance)
+    at once; every sentence has its own request id, since a turn's sentences share a context id.
+    """
+
+    Settings = OrpheusTTSSettings
+    _settings: OrpheusTTSSettings
+
+    def __init__(
+        self,
+        *,
+        config: Config | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        settings: OrpheusTTSSettings | None = None,
+        **kwargs: Any,
+    ):
+        """Create the service; nothing is loaded or connected until the pipeline starts.
+
+        Args:
+            config: Model, engine and sampling defaults (default: `load_config()`, i.e.
+                orpheus_config.yaml and `ORPHEUS_*` variables). Local mode loads `config.model`.
+            url: WebSocket URL of an Orpheus server (`ws://host:8000/api/tts_streaming`, or a
+                Modal deployment's `wss://...`). Given: remote mode. None: local mode.
+            api_key: The server's API key (remote mode), if it requires one.
+            settings: Voice and sampling overrides, applied over the config's defaults.
+            **kwargs: Passed to `TTSService` (e.g. `sample_rate`, `text_transforms`).
+        """
+        self._config = config if config is not None else load_config()
+        sampling = self._config.sampling
+        defaults = self.Settings(
+            model=url or self._config.model.llm,
+            voice=self._config.voices.default,
+            language=None,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_tokens,
+        )
+        if settings is not None:
+            defaults.apply_update(settings)
+        self._check_settings(defaults)
+        # Word frames come from our own timings, so text reaches the context only once heard.
+        super().__init__(
+            push_start_frame=True, push_stop_frames=True, push_text_frames=False, settings=defaults, **kwargs
+        )
+        self._url = url
+        self._api_key = api_key
+        self._synth: Synthesizer | None = None
+        self._client: Any = None  # OrpheusClient in remote mode
+        self._request_ids = itertools.count()
+        self._inflight: dict[str, tuple[str, AudioStream | None]] = {}  # request id -> (context id, stream)
+        self._context_audio_s: dict[str, float] = {}  # audio already queued in each context (turn)
+        # Never cleared on a timer: a slow first chunk must not lose the filter's history.
+        self._out_resampler = create_stream_resampler(clear_after_secs=None)
+
+    def can_generate_metrics(self) -> bool:
+        """TTFB, processing and usage (characters) metrics are reported."""
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, frame: StartFrame):
+        """Load the shared engine off the event loop (local) or connect (remote)."""
+        await super().start(frame)
+        if self._url is None:
+            try:
+                self._synth = await asyncio.to_thread(load_synthesizer, self._config)
+            except ModelLoadError as e:
+                await self._report(e, "could not load the Orpheus model")
+        else:
+            await self._connect()
+
+    async def stop(self, frame: EndFrame):
+        """Finish the queued audio, then release this service's requests and connection."""
+        await super().stop(frame)
+        await self._shutdown()
+
+    async def cancel(self, frame: CancelFrame):
+        """Stop at once: cancel in-flight requests and close the connection."""
+        await super().cancel(frame)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for request_id in list(self._inflight):
+            await self._cancel_request(request_id)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # -- settings --------------------------------------------------------------------------
+
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
+        """Apply a runtime delta; a bad sampling value is refused and reported, not applied."""
+        changed = await super()._update_settings(delta)
+        try:
+            self._check_settings(self._settings)
+        except ConfigError as e:
+            for name, old in changed.items():
+                setattr(self._settings, name, old)
+            await self.push_error(f"Orpheus setting refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
+            return {}
+        if "model" in changed:
+            self._warn_unhandled_updated_settings({"model"})
+        return changed
+
+    def _check_settings(self, settings: OrpheusTTSSettings) -> None:
+        if settings.voice not in self._config.voices.available:
+            raise ConfigError("voice", f"{settings.voice!r} is not one of {', '.join(self._config.voices.available)}")
+        self._sampling(settings)
+
+    def _sampling(self, settings: OrpheusTTSSettings) -> SamplingParams:
+        overrides = {name: getattr(settings, name) for name in _SAMPLING_FIELDS}
+        return SamplingParams.from_config(self._config.sampling, **overrides)
+
+    # -- synthesis -------------------------------------------------------------------------
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Speak one sentence: audio frames as they are decoded, then its word times.
+
+        Args:
+            text: The sentence (the base class aggregates LLM tokens into sentences).
+            context_id: The turn's audio context, shared by the sentences of one reply.
+        """
+        request_id = f"{context_id}:{next(self._request_ids)}"  # one engine request per sentence
+        offset_s = self._context_audio_s.get(context_id, 0.0)
+        samples = 0  # 24 kHz samples of this sentence so far
+        await self.start_tts_usage_metrics(text)
+        await self._out_resampler.reset()
+        speech = self._local_speech(text, request_id) if self._url is None else self._remote_speech(text, request_id)
+        try:
+            async for item in speech:
+                if isinstance(item, np.ndarray):
+                    await self.stop_ttfb_metrics()
+                    samples += len(item)
+                    audio = await self._resample(float_to_pcm16_bytes(item))
+                    if audio:
+                        yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+                else:
+                    await self.add_word_timestamps([(w, offset_s + t) for w, t in item], context_id)
+            tail = await self._resample(b"", last=True)
+            if tail:
+                yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+            self._context_audio_s[context_id] = offset_s + samples / fmt.SAMPLE_RATE
+        except RequestCancelled:
+            pass
+        except Exception as e:
+            await self._report(e, f"Orpheus could not speak {text[:40]!r}")
+        finally:
+            await speech.aclose()
+            await self.stop_ttfb_metrics()
+
+    async def _local_speech(self, text: str, request_id: str) -> AsyncIterator[np.ndarray | list[Word]]:
+        """PCM chunks from the shared engine, then the sentence's estimated word times."""
+        if self._synth is None:
+            raise ModelLoadError("the Orpheus model is not loaded (see the error reported at start)")
+        stream = self._synth.submit(text, voice=self._settings.voice, sampling=self._sampling(self._settings))
+        self._inflight[request_id] = (request_id.rpartition(":")[0], stream)
+        samples = 0
+        try:
+            async for pcm in stream:  # (n,) float32 at 24 kHz
+                samples += len(pcm)
+                yield pcm
+            yield [(w, start) for w, start, _ in word_timings(text, 0.0, samples / fmt.SAMPLE_RATE)]
+        finally:
+            await self._cancel_request(request_id)
+
+    async def _remote_speech(self, text: str, request_id: str) -> AsyncIterator[np.ndarray | list[Word]]:
+        """PCM chunks and word times of one utterance streamed from the server."""
+        raise NotImplementedError  # written against client.py once it lands
+        yield
+
+    async def _resample(self, pcm16: bytes, *, last: bool = False) -> bytes:
+        """24 kHz int16 bytes to the pipeline's rate (even length); `last` flushes the filter."""
+        if self.sample_rate == fmt.SAMPLE_RATE:
+            return pcm16
+        if last:
+            return await self._out_resampler.flush()
+        return await self._out_resampler.resample(pcm16, fmt.SAMPLE_RATE, self.sample_rate)
+
+    # -- interruption ----------------------------------------------------------------------
+
+    async def on_audio_context_interrupted(self, context_id: str):
+        """Barge-in: cancel every request of the interrupted turn at once."""
+        for request_id, (ctx, _) in list(self._inflight.items()):
+            if ctx == context_id:
+                await self._cancel_request(request_id)
+        self._context_audio_s.pop(context_id, None)
+
+    async def on_audio_context_completed(self, context_id: str):
+        """Forget the turn's running audio time once it has played."""
+        self._context_audio_s.pop(context_id, None)
+
+    async def _cancel_request(self, request_id: str) -> None:
+        entry = self._inflight.pop(request_id, None)
+        if entry is None:
+            return
+        _, stream = entry
+        if stream is not None:
+            stream.cancel()  # frees the engine slot at its next step
+
+    # -- errors ----------------------------------------------------------------------------
+
+    async def _report(self, error: Exception, what: str) -> None:
+        """Turn one of our typed errors into an `ErrorFrame` whose category says if retrying helps."""
+        if isinstance(error, ModelLoadError):
+            await self.push_error(f"{what}: {error}", exception=error, force_treat_as_permanent=True)
+        elif isinstance(error, AuthError):
+            msg = f"{what}: the Orpheus server refused the API key ({error})"
+            await self.push_error(msg, exception=error, category=ErrorCategory.AUTHENTICATION)
+        elif isinstance(error, EngineBusy):
+            msg = f"{what}: Orpheus is at capacity, try again later ({error})"
+            await self.push_error(msg, exception=error, category=ErrorCategory.RATE_LIMIT)
+        elif isinstance(error, OSError):
+            await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.CONNECTIVITY)
+        else:
+            logger.exception(f"{self}: {what}")
+            await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.UNKNOWN)
+
+    async def _connect(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,340 @@
+"""One connection's behaviour as a sans-I/O state machine: events in, messages and actions out.
+
+The server feeds it client messages (`receive`), audio from the speech source (`audio`,
+`finished`) and reads back two things: the ordered `outbox` of messages to send (`pop`) and
+`take_actions()`, what to do with the speech source (`Start`/`Stop` a piece of text) or the
+socket (`Abort`). It owns the rules that make the protocol safe and ordered:
+
+- streamed `Text` is cut into sentences; `Speak` text into pieces of at most
+  `max_chars_per_piece`; pieces are synthesized one at a time, in order (one engine slot per
+  connection, so one client cannot starve the others);
+- `Marker` is a barrier: echoed once everything queued before it has been sent;
+- `Cancel` drops queued pieces and unsent output of the matching utterances, then `Cancelled`;
+- every limit of `LimitsConfig` is checked here, and the outbox is bounded by
+  `max_unsent_audio_s`: a client that stops reading is aborted instead of buffered forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from loguru import logger
+
+from pipecat_orpheus import protocol as p
+from pipecat_orpheus.config import LimitsConfig, VoiceConfig
+from pipecat_orpheus.errors import EngineBusy, ProtocolError
+from pipecat_orpheus.format import SAMPLE_RATE
+from pipecat_orpheus.pcm import PcmFramer
+from pipecat_orpheus.text import SentenceBuffer, split_text, word_timings
+
+NORMAL_CLOSURE = 1000  # RFC 6455: done, after Eos
+POLICY_VIOLATION = 1008  # RFC 6455: the client broke a rule (stopped reading)
+
+
+@dataclass(slots=True)
+class Piece:
+    """One piece of text handed to the speech source: a sentence, or a cut of a long `Speak`."""
+
+    key: int  # unique within the connection
+    utterance: int  # pieces of one Speak (or one streamed sentence) share it
+    text: str
+    voice: str
+    id: p.MessageId | None  # the client's utterance id (Speak), None for streamed Text
+    last: bool  # the utterance's last piece: flush the framer, then Done{id}
+    streamed: bool  # from streamed Text (bounded by max_buffered_chars), else from Speak
+    samples: int = 0  # audio generated so far
+
+
+@dataclass(slots=True)
+class _Barrier:
+    id: p.MessageId
+
+
+@dataclass(slots=True)
+class Start:
+    """Action: submit `piece` to the speech source and feed its audio back to the session."""
+
+    piece: Piece
+
+
+@dataclass(slots=True)
+class Stop:
+    """Action: cancel the speech source's request for piece `key` (frees its slot)."""
+
+    key: int
+
+
+@dataclass(slots=True)
+class Close:
+    """Outbox item: close the socket with `code` once everything before it has been sent."""
+
+    code: int
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Abort:
+    """Action: close the socket now with `code` (the client is not reading, nothing else will flush)."""
+
+    code: int
+    reason: str
+
+
+Action = Start | Stop | Abort
+
+
+@dataclass(slots=True)
+class _Out:
+    message: object
+    key: int | None = None  # the piece this output belongs to (Cancel purges by it)
+    id: p.MessageId | None = None
+    samples: int = 0
+
+
+class Session:
+    """The protocol state of one connection; see the module docstring."""
+
+    def __init__(self, *, limits: LimitsConfig, voices: VoiceConfig, voice: str, max_chars_per_piece: int):
+        """Start a session.
+
+        Args:
+            limits: what the client may cost (text, queue, unsent audio).
+            voices: the voices a `Speak` may name.
+            voice: the connection's voice (query `voice`, or the default).
+            max_chars_per_piece: longest text handed to the speech source at once.
+        """
+        self.limits = limits
+        self.voices = voices
+        self.voice = voice
+        self.max_chars_per_piece = max_chars_per_piece
+        self.outbox: deque[_Out] = deque()
+        self.closed = False  # a Close or Abort has been issued: every later event is ignored
+        self._actions: list[Action] = []
+        self._queue: deque[Piece | _Barrier] = deque()
+        self._current: Piece | None = None
+        self._framer = PcmFramer()  # one utterance's audio -> 1920-sample messages
+        self._sentences = SentenceBuffer(max_chars_per_piece)
+        self._next_key = 0
+        self._next_utterance = 0
+        self._unsent_samples = 0
+        self._timeline_samples = 0  # audio queued on this connection's timeline, minus what Cancel purged
+        self._ended = False
+        self._voice_warned = False
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def take_actions(self) -> list[Action]:
+        """The actions issued since the last call, oldest first."""
+        actions, self._actions = self._actions, []
+        return actions
+
+    def pop(self) -> object | None:
+        """The next message (or `Close`) to send, or None if there is nothing to send now."""
+        if not self.outbox:
+            return None
+        out = self.outbox.popleft()
+        self._unsent_samples -= out.samples
+        return out.message
+
+    @property
+    def idle(self) -> bool:
+        """No text buffered, nothing queued, generating or waiting to be sent."""
+        return not (self.outbox or self._queue or self._current or self._sentences.pending.strip())
+
+    @property
+    def unsent_s(self) -> float:
+        """Seconds of audio waiting in the outbox."""
+        return self._unsent_samples / SAMPLE_RATE
+
+    # -- events ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The stream is accepted: `Ready` goes first."""
+        self._send(p.Ready())
+
+    def receive(self, message: p.ClientMessage) -> None:
+        """A decoded client message; limit breaches become `Error{bad_request}` and are dropped."""
+        if self.closed:
+            return
+        try:
+            if self._ended and not isinstance(message, (p.Voice, p.Cancel)):
+                raise ProtocolError(f"{message.type} after Eos: the input has ended")
+            handler = getattr(self, f"_on_{message.type.lower()}")
+            handler(message)
+        except ProtocolError as e:
+            self.error(e, id=getattr(message, "id", None))
+        self._advance()
+
+    def error(self, error: ProtocolError, id: p.MessageId | None = None) -> None:
+        """Report a bad client message (malformed or over a limit); the connection goes on."""
+        if not self.closed:
+            self._send(p.Error(str(error), code=error.code, id=id))
+
+    def audio(self, key: int, pcm: np.ndarray) -> None:
+        """A chunk of float32 PCM, shape (n,), generated for piece `key`."""
+        piece = self._current
+        if self.closed or piece is None or piece.key != key or not len(pcm):
+            return  # a cancelled piece's late audio
+        piece.samples += len(pcm)
+        for chunk in self._framer.push(pcm):
+            self._send_audio(piece, chunk)
+        if self._unsent_samples > self.limits.max_unsent_audio_s * SAMPLE_RATE:
+            self._abort_slow_client()
+
+    def finished(self, key: int, error: BaseException | None = None) -> None:
+        """Piece `key` ended: normally (None), refused (`EngineBusy`) or failed."""
+        piece = self._current
+        if self.closed or piece is None or piece.key != key:
+            return
+        self._current = None
+        if error is None:
+            # Where this piece began on the timeline, robust to Cancel purging other pieces' audio.
+            start = (self._timeline_samples + self._framer.pending - piece.samples) / SAMPLE_RATE
+            if piece.last:
+                self._send_audio(piece, self._framer.flush())
+            for word, start_s, stop_s in word_timings(piece.text, start, piece.samples / SAMPLE_RATE):
+                self._send(p.Word(word, start_s, stop_s, id=piece.id), piece)
+            if piece.last and piece.id is not None:
+                self._send(p.Done(piece.id), piece)
+        else:
+            code = error.code if isinstance(error, EngineBusy) else "internal"
+            if not isinstance(error, EngineBusy):
+                logger.opt(exception=error).error(f"{self}: piece {key} failed")
+            self._send(p.Error(f"synthesis failed: {error}", code=code, id=piece.id))
+            self._drop(lambda q: q.utterance == piece.utterance)  # the rest of a failed utterance
+            self._framer.flush()
+        self._advance()
+
+    # -- client messages ---------------------------------------------------------------------
+
+    def _on_text(self, message: p.Text) -> None:
+        words = message.text.strip()
+        if not words:
+            return
+        # Kyutai semantics: each Text holds whole words, so a fragment ends at a word boundary.
+        self._check_buffered(len(words) + 1)
+        for sentence in self._sentences.push(words + " "):
+            self._enqueue([sentence], self.voice, None, streamed=True)
+
+    def _on_eos(self, message: p.Eos) -> None:
+        self._flush_text()
+        self._ended = True
+
+    def _on_voice(self, message: p.Voice) -> None:
+        if not self._voice_warned:
+            logger.warning(f"{self}: Voice (voice cloning) is not supported by Orpheus; ignored")
+            self._voice_warned = True
+
+    def _on_speak(self, message: p.Speak) -> None:
+        voice = message.voice or self.voice
+        if voice not in self.voices.available:
+            raise ProtocolError(f"unknown voice {voice!r}; available: {', '.join(self.voices.available)}")
+        if len(message.text) > self.limits.max_utterance_chars:
+            raise ProtocolError(
+                f"Speak text has {len(message.text)} characters, over limits.max_utterance_chars "
+                f"({self.limits.max_utterance_chars})"
+            )
+        pieces = split_text(message.text, self.max_chars_per_piece)
+        if not pieces:
+            raise ProtocolError("Speak text is empty")
+        queued = len({q.utterance for q in self._queue if isinstance(q, Piece) and not q.streamed})
+        if queued >= self.limits.max_queued_utterances:
+            raise ProtocolError(
+                f"{queued} utterances already queued: limits.max_queued_utterances "
+                f"({self.limits.max_queued_utterances})"
+            )
+        self._flush_text()
+        self._enqueue(pieces, voice, message.id, streamed=False)
+
+    def _on_flush(self, message: p.Flush) -> None:
+        self._flush_text()
+
+    def _on_marker(self, message: p.Marker) -> None:
+        self._flush_text()  # "all audio for input sent before it" includes buffered words
+        self._queue.append(_Barrier(message.id))
+
+    def _on_cancel(self, message: p.Cancel) -> None:
+        def match(item: Piece | _Out) -> bool:
+            return item.key is not None and (message.id is None or item.id == message.id)
+
+        if message.id is None:
+            self._sentences.flush()
+        self._drop(match)
+        if self._current is not None and match(self._current):
+            self._actions.append(Stop(self._current.key))
+            self._framer.flush()  # held samples belong to the cancelled utterance
+            self._current = None
+        kept = deque()
+        for out in self.outbox:
+            if match(out):
+                self._unsent_samples -= out.samples
+                self._timeline_samples -= out.samples
+            else:
+                kept.append(out)
+        self.outbox = kept
+        self._send(p.Cancelled(message.id))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_buffered(self, extra: int) -> None:
+        queued = sum(len(q.text) for q in self._queue if isinstance(q, Piece) and q.streamed)
+        buffered = len(self._sentences.pending) + queued + extra
+        if buffered > self.limits.max_buffered_chars:
+            raise ProtocolError(
+                f"{buffered} characters of Text buffered, over limits.max_buffered_chars "
+                f"({self.limits.max_buffered_chars})"
+            )
+
+    def _flush_text(self) -> None:
+        for sentence in self._sentences.flush():
+            self._enqueue([sentence], self.voice, None, streamed=True)
+
+    def _enqueue(self, texts: list[str], voice: str, id: p.MessageId | None, *, streamed: bool) -> None:
+        utterance, self._next_utterance = self._next_utterance, self._next_utterance + 1
+        for i, text in enumerate(texts):
+            last = i == len(texts) - 1
+            self._queue.append(Piece(self._next_key, utterance, text, voice, id, last, streamed))
+            self._next_key += 1
+
+    def _drop(self, match) -> None:
+        self._queue = deque(q for q in self._queue if isinstance(q, _Barrier) or not match(q))
+
+    def _advance(self) -> None:
+        """Start the next piece, echoing the markers it passes; close after Eos once all is done."""
+        while not self.closed and self._current is None and self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, _Barrier):
+                self._send(p.Marker(item.id))
+            else:
+                self._current = item
+                self._actions.append(Start(item))
+        if self._ended and self._current is None and not self._queue and not self.closed:
+            self.outbox.append(_Out(Close(NORMAL_CLOSURE)))
+            self.closed = True
+
+    def _send(self, message: object, piece: Piece | None = None) -> None:
+        self.outbox.append(_Out(message, piece.key if piece else None, piece.id if piece else None))
+
+    def _send_audio(self, piece: Piece, pcm: np.ndarray) -> None:
+        if len(pcm):
+            self.outbox.append(_Out(p.Audio(pcm, piece.id), piece.key, piece.id, len(pcm)))
+            self._unsent_samples += len(pcm)
+            self._timeline_samples += len(pcm)
+
+    def _abort_slow_client(self) -> None:
+        reason = f"client is not reading: over limits.max_unsent_audio_s ({self.limits.max_unsent_audio_s} s) unsent"
+        logger.warning(f"{self}: {reason}")
+        if self._current is not None:
+            self._actions.append(Stop(self._current.key))
+        self._current = None
+        self._queue.clear()
+        self.outbox.clear()
+        self._unsent_samples = 0
+        self._send(p.Error(reason, code="bad_request"))
+        self._actions.append(Abort(POLICY_VIOLATION, reason))
+        self.closed = True
+
+    def __str__(self) -> str:
+        return f"Session({id(self):x})"

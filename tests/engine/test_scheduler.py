@@ -1,0 +1,155 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipecat_orpheus import format as fmt
+from pipecat_orpheus.engine.request import Request, RequestStatus, SamplingParams
+from pipecat_orpheus.engine.scheduler import Scheduler
+from pipecat_orpheus.errors import ConfigError, EngineBusy
+
+AUDIO = fmt.audio_token(0, 5)  # any audio id: the scheduler only looks for END_OF_SPEECH
+
+
+def make_request(i: int, prompt_len: int = 10, max_tokens: int = 14, pieces: int = 1) -> Request:
+    return Request(f"r{i}", [[1] * prompt_len] * pieces, SamplingParams(max_tokens=max_tokens), seed=i)
+
+
+def make_scheduler(**kw) -> Scheduler:
+    values = dict(max_slots=2, max_queue=2, max_tokens_per_slot=64, prefill_chunk_tokens=8)
+    values.update(kw)
+    return Scheduler(**values)
+
+
+def run_step(s: Scheduler, token: int = AUDIO):
+    step = s.schedule()
+    first = [token for c in step.prefill if c.last]
+    return step, s.postprocess(step, [token] * len(step.decode), first)
+
+
+def test_admit_fills_slots_then_queue_then_busy():
+    """Requests take free slots, then wait in the queue, and past max_queue admission fails fast."""
+    s = make_scheduler()
+    reqs = [make_request(i) for i in range(4)]
+    for r in reqs:
+        assert s.can_admit()
+        s.admit(r)
+    assert [r.status for r in reqs] == [RequestStatus.PREFILL] * 2 + [RequestStatus.WAITING] * 2
+    assert (s.num_running, s.num_waiting) == (2, 2)
+    assert not s.can_admit()
+    with pytest.raises(EngineBusy):
+        s.admit(make_request(9))
+
+
+def test_prompt_too_long_for_slot_names_config_key():
+    """A prompt that leaves no room for one frame is refused with the config key to raise."""
+    s = make_scheduler(max_tokens_per_slot=64)
+    with pytest.raises(ConfigError, match="engine.max_tokens_per_slot"):
+        s.admit(make_request(0, prompt_len=60))
+
+
+def test_chunked_prefill_respects_budget_and_order():
+    """Prefill is split into chunks within the per-step token budget, oldest request first."""
+    s = make_scheduler(prefill_chunk_tokens=8)
+    a, b = make_request(0, prompt_len=10), make_request(1, prompt_len=5)
+    s.admit(a)
+    s.admit(b)
+    step, _ = run_step(s)
+    assert [(c.request, c.start, c.end) for c in step.prefill] == [(a, 0, 8)]
+    step, out = run_step(s)
+    assert [(c.request, c.start, c.end, c.last) for c in step.prefill] == [(a, 8, 10, True), (b, 0, 5, True)]
+    assert a.status is RequestStatus.DECODE and b.status is RequestStatus.DECODE
+    assert a.output_ids == [[AUDIO]] and a.num_generated == 1
+
+
+def test_decode_until_max_tokens_emits_frames_and_frees_slot():
+    """A request emits one frame per 7 tokens, finishes at max_tokens, and a waiting one takes its slot."""
+    s = make_scheduler(max_slots=1, prefill_chunk_tokens=64)
+    a, b = make_request(0, max_tokens=14), make_request(1)
+    s.admit(a)
+    s.admit(b)
+    frames, finished = [], []
+    while a.status is not RequestStatus.FINISHED:
+        _, out = run_step(s)
+        frames += out.frames
+        finished += out.finished
+    assert [len(ids) for _, ids in frames] == [7, 7] and finished == [a]
+    assert a.num_generated == 14 and a.slot is None
+    assert b.status is RequestStatus.PREFILL and b.slot == 0
+
+
+def test_end_of_speech_ends_piece_and_next_piece_reuses_slot():
+    """END_OF_SPEECH ends the current piece; the next piece of the same request is prefilled in its slot."""
+    s = make_scheduler(max_slots=1, prefill_chunk_tokens=64)
+    r = make_request(0, pieces=2)
+    s.admit(r)
+    run_step(s)  # prefill piece 0 + first token
+    assert r.status is RequestStatus.DECODE
+    _, out = run_step(s, token=fmt.END_OF_SPEECH)
+    assert r.piece == 1 and r.status is RequestStatus.PREFILL and r.slot == 0 and not out.finished
+    run_step(s)
+    _, out = run_step(s, token=fmt.END_OF_SPEECH)
+    assert out.finished == [r] and r.output_ids == [[AUDIO, fmt.END_OF_SPEECH]] * 2
+
+
+def test_max_new_tokens_is_whole_frames_within_slot():
+    """The per-piece cap is rounded down to whole frames and never overflows the slot."""
+    s = make_scheduler(max_tokens_per_slot=64)
+    r = make_request(0, prompt_len=20, max_tokens=2000)
+    s.admit(r)
+    assert r.max_new_tokens == 42  # 44 positions left -> 6 frames
+
+
+def test_cancel_waiting_and_live_requests():
+    """Cancelling a live request frees its slot for the oldest waiting one; cancelling a waiting one dequeues it."""
+    s = make_scheduler(max_slots=1, max_queue=3)
+    a, b, c = (make_request(i) for i in range(3))
+    for r in (a, b, c):
+        s.admit(r)
+    assert s.cancel("r1") is b and b.status is RequestStatus.CANCELLED and s.num_waiting == 1
+    assert s.cancel("r0") is a and a.status is RequestStatus.CANCELLED
+    assert c.slot == 0 and c.status is RequestStatus.PREFILL
+    assert s.cancel("r0") is None and s.cancel("nope") is None
+
+
+def test_cancelled_request_tokens_are_ignored():
+    """Tokens sampled in a step for a request cancelled before postprocess do not reach it."""
+    s = make_scheduler()
+    r = make_request(0, prompt_len=5)
+    s.admit(r)
+    run_step(s)
+    step = s.schedule()
+    s.cancel("r0")
+    out = s.postprocess(step, [AUDIO] * len(step.decode), [])
+    assert r.output_ids == [[AUDIO]] and not out.frames
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["submit", "cancel", "step", "eos"]), st.integers(0, 9)), max_size=80))
+def test_interleavings_keep_invariants(ops):
+    """Under any interleaving of joins, cancels and steps, slots are never shared or leaked and the queue is bounded."""
+    s = make_scheduler(max_slots=3, max_queue=2, prefill_chunk_tokens=12)
+    known: dict[str, Request] = {}
+    n = 0
+    for op, arg in ops:
+        if op == "submit":
+            r = make_request(n, prompt_len=5 + arg, max_tokens=7 + arg)
+            n += 1
+            busy = not s.can_admit()
+            try:
+                s.admit(r)
+                known[r.request_id] = r
+                assert not busy
+            except EngineBusy:
+                assert busy
+        elif op == "cancel" and known:
+            s.cancel(sorted(known)[arg % len(known)])
+        else:
+            run_step(s, token=fmt.END_OF_SPEECH if op == "eos" else AUDIO)
+        live = [r for r in known.values() if r.is_live]
+        waiting = [r for r in known.values() if r.status is RequestStatus.WAITING]
+        assert len({r.slot for r in live}) == len(live) == s.num_running <= s.max_slots
+        assert all(r.slot is None for r in known.values() if not r.is_live)
+        assert len(waiting) == s.num_waiting <= s.max_queue
+        assert not waiting or s.num_running == s.max_slots  # nobody waits while a slot is free
+        for r in known.values():
+            assert all(len(ids) <= r.max_new_tokens + 1 for ids in r.output_ids)

@@ -1,0 +1,311 @@
+"""session.py: one connection's protocol rules, driven without sockets (sans-I/O)."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipecat_orpheus import protocol as p
+from pipecat_orpheus.config import LimitsConfig, VoiceConfig
+from pipecat_orpheus.errors import EngineBusy
+from pipecat_orpheus.pcm import MESSAGE_SAMPLES
+from pipecat_orpheus.session import Abort, Close, Session, Start, Stop
+
+
+class Driver:
+    """Plays the speech source and the socket around a Session, recording what it sends."""
+
+    def __init__(self, limits: LimitsConfig | None = None, max_chars: int = 40):
+        self.session = Session(
+            limits=limits or LimitsConfig(), voices=VoiceConfig(), voice="tara", max_chars_per_piece=max_chars
+        )
+        self.current = None  # the piece the "engine" is generating
+        self.fed: dict = {}  # utterance id -> samples generated for it
+        self.sent: list = []
+        self.aborted = None
+        self.session.start()
+        self.apply()
+
+    def apply(self):
+        for action in self.session.take_actions():
+            if isinstance(action, Start):
+                assert self.current is None, "one piece at a time per connection"
+                self.current = action.piece
+            elif isinstance(action, Stop):
+                assert self.current is not None and self.current.key == action.key
+                self.current = None
+            elif isinstance(action, Abort):
+                self.aborted = action
+
+    def receive(self, message):
+        self.session.receive(message)
+        self.apply()
+
+    def audio(self, n: int):
+        if self.current is not None:
+            self.fed[self.current.id] = self.fed.get(self.current.id, 0) + n
+            self.session.audio(self.current.key, np.full(n, 0.1, dtype=np.float32))
+            self.apply()
+
+    def finish(self, error=None):
+        if self.current is not None:
+            key, self.current = self.current.key, None
+            self.session.finished(key, error)
+            self.apply()
+
+    def drain(self):
+        while (item := self.session.pop()) is not None:
+            self.sent.append(item)
+
+    def run_to_end(self, frames_per_piece: int = 2):
+        while self.current is not None:
+            for _ in range(frames_per_piece):
+                self.audio(2048)
+            self.finish()
+        self.drain()
+
+    def types(self):
+        return [type(m).__name__ for m in self.sent]
+
+
+words = st.sampled_from(["Hello", "there.", "How", "are", "you?", "Fine,", "thanks!", "<laugh>", "Dr.", "Smith"])
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("speak"), st.lists(words, min_size=1, max_size=12).map(" ".join)),
+        st.tuples(st.just("text"), words),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("marker")),
+        st.tuples(st.just("cancel"), st.booleans()),
+        st.tuples(st.just("audio"), st.integers(1, 5000)),
+        st.tuples(st.just("finish")),
+        st.tuples(st.just("busy")),
+        st.tuples(st.just("drain")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops)
+def test_ordering_rules_hold_for_any_interleaving(ops):
+    """Markers, Cancel, Done, word timings and 80 ms framing stay correct under any event order."""
+    d = Driver()
+    ids = itertools.count()
+    spoken: list = []  # Speak ids in order
+    markers: list = []  # (marker id, Speak ids sent before it)
+    cancels: list = []  # (cancel id, Speak ids sent before it)
+    for op in ops:
+        if op[0] == "speak":
+            spoken.append(f"s{next(ids)}")
+            d.receive(p.Speak(op[1], id=spoken[-1]))
+        elif op[0] == "text":
+            d.receive(p.Text(op[1]))
+        elif op[0] == "flush":
+            d.receive(p.Flush())
+        elif op[0] == "marker":
+            markers.append((f"m{next(ids)}", set(spoken)))
+            d.receive(p.Marker(markers[-1][0]))
+        elif op[0] == "cancel":
+            target = spoken[-1] if op[1] and spoken else None
+            cancels.append((target, set(spoken) if target is None else {target}))
+            d.receive(p.Cancel(target))
+        elif op[0] == "audio":
+            d.audio(op[1])
+        elif op[0] == "finish":
+            d.finish()
+        elif op[0] == "busy":
+            d.finish(EngineBusy("full"))
+        else:
+            d.drain()
+    d.receive(p.Eos())
+    d.run_to_end()
+    sent = d.sent
+    assert isinstance(sent[0], p.Ready) and isinstance(sent[-1], Close) and sent[-1].code == 1000
+
+    def position(pred):
+        return [i for i, m in enumerate(sent) if pred(m)]
+
+    # Markers come back in order, each after all audio of the utterances sent before it.
+    echoed = [m.id for m in sent if isinstance(m, p.Marker)]
+    assert echoed == [m for m, _ in markers]
+    for marker_id, before in markers:
+        at = position(lambda m, marker_id=marker_id: isinstance(m, p.Marker) and m.id == marker_id)[0]
+        assert not position(lambda m, before=before: isinstance(m, p.Audio) and m.id in before and True) or max(
+            position(lambda m, before=before: isinstance(m, p.Audio) and m.id in before)
+        ) < at or all(
+            i < at for i in position(lambda m, before=before: isinstance(m, p.Audio) and m.id in before)
+        )
+    # Nothing of cancelled work follows its Cancelled.
+    cancelled_at = position(lambda m: isinstance(m, p.Cancelled))
+    assert len(cancelled_at) == len(cancels)
+    for at, (_, covered) in zip(cancelled_at, cancels, strict=True):
+        later = sent[at + 1 :]
+        assert not [m for m in later if isinstance(m, (p.Audio, p.Word, p.Done)) and m.id in covered]
+    # Every Speak ends exactly once: Done, Error, or covered by a Cancel.
+    for sid in spoken:
+        done = position(lambda m, sid=sid: isinstance(m, p.Done) and m.id == sid)
+        errors = position(lambda m, sid=sid: isinstance(m, p.Error) and m.id == sid)
+        cancelled = any(sid in covered for _, covered in cancels)
+        assert len(done) + len(errors) <= 1 and (done or errors or cancelled)
+        if done:
+            audio = [m for m in sent if isinstance(m, p.Audio) and m.id == sid]
+            assert all(i < done[0] for i in position(lambda m, sid=sid: getattr(m, "id", None) == sid and m is not sent[done[0]]))
+            assert all(len(a.pcm) == MESSAGE_SAMPLES for a in audio[:-1]) and 0 < len(audio[-1].pcm) <= MESSAGE_SAMPLES
+            if not cancelled and not errors:
+                assert sum(len(a.pcm) for a in audio) == d.fed.get(sid, 0)
+    # Word timings are monotonic on the connection's timeline and never run past the audio sent.
+    timeline = 0.0
+    last_stop = 0.0
+    for m in sent:
+        if isinstance(m, p.Audio):
+            timeline += len(m.pcm) / 24000
+        elif isinstance(m, p.Word):
+            assert last_stop - 1e-9 <= m.start_s <= m.stop_s <= timeline + 1e-9
+            last_stop = m.stop_s
+
+
+def test_kyutai_words_become_sentences():
+    """Streamed words are cut at sentence ends and each sentence is spoken as soon as it is complete."""
+    d = Driver()
+    for word in "Hello there. How are".split():
+        d.receive(p.Text(word))
+    assert d.current is not None and d.current.text == "Hello there."
+    d.run_to_end()
+    d.receive(p.Text("you?"))
+    d.receive(p.Eos())
+    assert d.current.text == "How are you?"
+    d.run_to_end()
+    texts = [m.text for m in d.sent if isinstance(m, p.Word)]
+    assert texts == ["Hello", "there.", "How", "are", "you?"]
+    assert set(d.types()) == {"Ready", "Audio", "Word", "Close"}  # nothing a Kyutai client does not know
+    assert all(m.id is None for m in d.sent if isinstance(m, (p.Audio, p.Word)))
+
+
+def test_voice_is_ignored_and_text_after_eos_is_refused():
+    """Voice is accepted silently; anything but Cancel after Eos is a bad_request Error."""
+    d = Driver()
+    d.receive(p.Voice([0.1], [1]))
+    d.receive(p.Eos())
+    d.receive(p.Speak("late."))
+    d.drain()
+    assert d.types() == ["Ready", "Close", "Error"] or d.types() == ["Ready", "Close"]
+
+
+def test_speak_limits():
+    """Too long, unknown voice and too many queued utterances are refused with an Error naming the limit."""
+    d = Driver(LimitsConfig(max_utterance_chars=20, max_queued_utterances=2))
+    d.receive(p.Speak("x" * 21, id="long"))
+    d.receive(p.Speak("Hi.", voice="nobody", id="voice"))
+    for i in range(4):  # the first starts at once, two more queue, the fourth is over the limit
+        d.receive(p.Speak("Hi.", id=i))
+    d.drain()
+    errors = [m for m in d.sent if isinstance(m, p.Error)]
+    assert [e.id for e in errors] == ["long", "voice", 3]
+    assert "limits.max_utterance_chars" in errors[0].message and "unknown voice" in errors[1].message
+    assert "limits.max_queued_utterances" in errors[2].message
+    assert all(e.code == "bad_request" for e in errors)
+
+
+def test_buffered_text_limit():
+    """Streamed text past max_buffered_chars is refused, and the connection keeps working."""
+    d = Driver(LimitsConfig(max_buffered_chars=30), max_chars=200)
+    d.receive(p.Text("a" * 25))
+    d.receive(p.Text("b" * 10))
+    d.drain()
+    assert isinstance(d.sent[-1], p.Error) and "limits.max_buffered_chars" in d.sent[-1].message
+    d.receive(p.Text("end."))
+    d.receive(p.Flush())
+    assert d.current is not None and d.current.text == "a" * 25 + " end."
+
+
+def test_long_speak_is_split_into_pieces_with_one_done():
+    """A Speak longer than max_chars_per_piece is spoken piece by piece; 80 ms framing spans the pieces."""
+    d = Driver(max_chars=20)
+    d.receive(p.Speak("One two three. Four five six. Seven eight nine.", id="u"))
+    pieces = []
+    while d.current is not None:
+        pieces.append(d.current.text)
+        d.audio(1000)
+        d.finish()
+    d.drain()
+    assert pieces == ["One two three.", "Four five six.", "Seven eight nine."]
+    audio = [m for m in d.sent if isinstance(m, p.Audio)]
+    assert [len(a.pcm) for a in audio] == [1920, 1080]
+    assert d.types()[-1] == "Done"
+
+
+def test_engine_busy_fails_one_utterance_only():
+    """EngineBusy for an utterance becomes Error{busy, id}; the rest of it is dropped and the next one runs."""
+    d = Driver(max_chars=20)
+    d.receive(p.Speak("One two three. Four five six.", id="a"))
+    d.receive(p.Speak("Next.", id="b"))
+    d.finish(EngineBusy("full"))
+    assert d.current.id == "b"
+    d.run_to_end()
+    errors = [m for m in d.sent if isinstance(m, p.Error)]
+    assert [(e.id, e.code) for e in errors] == [("a", "busy")]
+    assert [m.id for m in d.sent if isinstance(m, p.Done)] == ["b"]
+
+
+def test_engine_failure_is_internal_error():
+    """Any other engine failure becomes Error{internal} for that utterance."""
+    d = Driver()
+    d.receive(p.Speak("Hi.", id="a"))
+    d.finish(RuntimeError("boom"))
+    d.drain()
+    assert (d.sent[-1].code, d.sent[-1].id) == ("internal", "a")
+
+
+def test_cancel_purges_unsent_audio_and_stops_generation():
+    """Cancel drops queued work and unsent audio of its id, stops its piece, and answers Cancelled."""
+    d = Driver()
+    d.receive(p.Speak("First.", id="a"))
+    d.receive(p.Speak("Second.", id="b"))
+    d.audio(5000)
+    d.receive(p.Cancel("a"))
+    assert d.current.id == "b"  # a's generation was stopped and b started
+    d.run_to_end()
+    assert not [m for m in d.sent if getattr(m, "id", None) == "a" and not isinstance(m, p.Cancelled)]
+    assert d.types().count("Cancelled") == 1
+
+
+def test_marker_waits_for_audio_before_it():
+    """A Marker is echoed only after the audio of everything sent before it."""
+    d = Driver()
+    d.receive(p.Speak("First.", id="a"))
+    d.receive(p.Marker(1))
+    d.drain()
+    assert "Marker" not in d.types()
+    d.run_to_end()
+    assert d.types()[-2:] == ["Done", "Marker"]
+
+
+def test_slow_client_is_aborted_with_bounded_buffer():
+    """Past max_unsent_audio_s unsent, the session drops its buffer, stops the engine and asks to abort."""
+    d = Driver(LimitsConfig(max_unsent_audio_s=0.5))
+    d.receive(p.Speak("A long one.", id="a"))
+    for _ in range(5):
+        d.audio(2048)  # nobody drains: the client is not reading
+    assert isinstance(d.aborted, Abort) and d.aborted.code == 1008
+    assert d.current is None and d.session.closed
+    assert d.session.unsent_s < 0.5
+    d.drain()
+    assert isinstance(d.sent[-1], p.Error) and "limits.max_unsent_audio_s" in d.sent[-1].message
+
+
+@pytest.mark.parametrize("eos_first", [True, False])
+def test_close_only_after_everything_is_sent(eos_first):
+    """After Eos the session closes normally only once all pieces are spoken and sent."""
+    d = Driver()
+    d.receive(p.Text("Hi"))
+    if eos_first:
+        d.receive(p.Eos())
+        d.drain()
+        assert "Close" not in d.types()
+    else:
+        d.receive(p.Flush())
+        d.receive(p.Eos())
+    d.run_to_end()
+    assert d.types()[-1] == "Close" and d.session.idle is False or d.session.closed

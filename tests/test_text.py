@@ -1,0 +1,98 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipecat_orpheus.format import EMOTION_TAGS
+from pipecat_orpheus.text import SentenceBuffer, sentence_end, split_text, word_timings, words
+
+
+def test_short_text_is_one_piece():
+    """Text within the limit is returned whole (stripped); empty text gives no pieces."""
+    assert split_text("  Hello there.  ", 280) == ["Hello there."]
+    assert split_text("   ", 280) == []
+
+
+def test_prefers_sentence_ends():
+    """Pieces are packed up to the limit and cut after the last sentence end that fits."""
+    text = "One two. Three four? Five six!"
+    assert split_text(text, 20) == ["One two. Three four?", "Five six!"]
+    assert split_text(text, 10) == ["One two.", "Three", "four?", "Five six!"]
+
+
+def test_fallback_order_newline_clause_space():
+    """Without a sentence end, cuts fall back to a newline, then ; : or comma, then a space."""
+    assert split_text("alpha beta\ngamma delta", 15) == ["alpha beta", "gamma delta"]
+    assert split_text("alpha beta, gamma delta", 15) == ["alpha beta,", "gamma delta"]
+    assert split_text("alpha beta gamma delta", 15) == ["alpha beta", "gamma delta"]
+    assert split_text("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+
+
+def test_never_cuts_inside_emotion_tag():
+    """An emotion tag is never cut, even when it straddles the limit."""
+    pieces = split_text("ha<laugh>ha<laugh>", 5)
+    assert all("<" not in p or p.count("<") == p.count(">") for p in pieces)
+    assert "".join(pieces) == "ha<laugh>ha<laugh>"
+    assert split_text("Well. <sigh> fine", 9) == ["Well.", "<sigh>", "fine"]
+
+
+@given(st.lists(st.sampled_from([*"ab .,!?\n", "<laugh>", "<sigh>"]), max_size=200), st.integers(8, 60))
+def test_split_keeps_all_text_within_limit(parts, limit):
+    """Pieces are non-empty, within the limit, keep every non-space character in order, and keep tags whole."""
+    text = "".join(parts)
+    pieces = split_text(text, limit)
+    assert all(p and len(p) <= limit and p == p.strip() for p in pieces)
+    assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+    for p in pieces:
+        assert p.count("<") == p.count(">")
+
+
+def test_sentence_end_needs_whitespace_and_skips_abbreviations():
+    """A sentence ends at .?! followed by whitespace, or a newline; "3." and "Dr." do not end one."""
+    assert sentence_end("Hello there") is None
+    assert sentence_end("It costs 3.") is None
+    assert sentence_end("It costs 3.5 now. And") == len("It costs 3.5 now.")
+    assert sentence_end("Ask Dr. Smith") is None
+    assert sentence_end("Really?! Yes") == len("Really?!")
+    assert sentence_end("line one\nline") == len("line one\n")
+
+
+def test_sentence_buffer_word_by_word():
+    """Words pushed one at a time come out as whole sentences; flush releases the rest."""
+    buf = SentenceBuffer(max_chars=280)
+    out = []
+    for word in "Hello there. How are you? I am fine".split(" "):
+        out += buf.push(word + " ")
+    assert out == ["Hello there.", "How are you?"]
+    assert buf.pending.strip() == "I am fine"
+    assert buf.flush() == ["I am fine"] and buf.pending == ""
+
+
+def test_sentence_buffer_bounded():
+    """Text without a sentence end is released in pieces once it exceeds max_chars."""
+    buf = SentenceBuffer(max_chars=20)
+    out = []
+    for word in ("word " * 12).split(" "):
+        out += buf.push(word + " ")
+    assert out and all(len(p) <= 20 for p in out)
+    assert len(buf.pending) <= 20
+
+
+def test_word_timings_proportional_and_monotonic():
+    """Words share the duration by letters, monotonic, ending at start + duration; tags are not words."""
+    timings = word_timings("Hi <laugh> there", 1.0, 0.7)
+    assert [w for w, _, _ in timings] == ["Hi", "there"]
+    assert timings[0] == ("Hi", 1.0, 1.2)
+    assert abs(timings[1][1] - 1.2) < 1e-9 and abs(timings[1][2] - 1.7) < 1e-9
+    assert word_timings("<sigh>", 0.0, 1.0) == []
+
+
+@given(st.lists(st.sampled_from(["a", "bb", "ccc!", "<laugh>", "3.5"]), max_size=30), st.floats(0, 100), st.floats(0.01, 60))
+def test_word_timings_cover_duration(tokens, start, duration):
+    """Timings are contiguous, non-decreasing, start at start_s and end at start_s + duration_s."""
+    text = " ".join(tokens)
+    timings = word_timings(text, start, duration)
+    assert [w for w, _, _ in timings] == [t for t in tokens if t not in EMOTION_TAGS]
+    assert words(text) == [t for t in tokens if t not in EMOTION_TAGS]
+    if timings:
+        assert timings[0][1] == start and abs(timings[-1][2] - (start + duration)) < 1e-6
+        for (_, a0, a1), (_, b0, _) in zip(timings, timings[1:]):
+            assert a0 <= a1 == b0

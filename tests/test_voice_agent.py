@@ -1,0 +1,205 @@
+"""The bundled voice agent (examples/voice_agent/bot.py): its own services and pipeline, on the tiny model.
+
+Text frames stand in for the LLM's streamed reply (no network); the STT and LLM services are built
+by the bot's own `create_services`: Whisper from a tiny CTranslate2 model written here (the real
+service loads its model in `__init__`, and a model name would be downloaded), the LLM against a
+dummy OpenAI-compatible base URL (constructing it sends no request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+from pipecat.frames.frames import (
+    Frame,
+    InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.filters.identity_filter import IdentityFilter
+from pipecat.tests.utils import SleepFrame, run_test
+
+from pipecat_orpheus import format as fmt
+from pipecat_orpheus.config import load_config
+from pipecat_orpheus.service import OrpheusTTSService
+from pipecat_orpheus.synthesizer import load_synthesizer
+
+BOT_PATH = Path(__file__).resolve().parent.parent / "examples" / "voice_agent" / "bot.py"
+SHORT_TOKENS = 28  # 4 SNAC frames per sentence: a whole reply in well under a second on CPU
+LONG_TOKENS = 1400  # a sentence still generating when the interruption lands
+START_TIMEOUT_S = 60.0  # the first pipeline of the session may load the tiny model inside StartFrame
+REPLY = ("Oh, hello there! ", "<laugh> ", "It is nice ", "to meet you.")
+
+
+def load_bot() -> ModuleType:
+    """Import examples/voice_agent/bot.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("voice_agent_bot", BOT_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bot() -> ModuleType:
+    """The example bot module."""
+    return load_bot()
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Whisper in faster-whisper's CTranslate2 format (noise, made offline)."""
+    pytest.importorskip("faster_whisper", reason="the example extra (pip install -e '.[example]') is not installed")
+    from ctranslate2.converters import TransformersConverter
+    from tokenizers import Tokenizer, models
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("whisper")
+    dims = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
+    heads = {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    # 51864 tokens: the English-only Whisper vocabulary, so the model reports language "en".
+    WhisperForConditionalGeneration(WhisperConfig(vocab_size=51864, **dims, **heads)).save_pretrained(root / "hf")
+    TransformersConverter(str(root / "hf")).convert(str(root / "ct2"))
+    # faster-whisper fetches a tokenizer from the hub unless the model directory has one.
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(root / "ct2/tokenizer.json"))
+    return root / "ct2"
+
+
+def write_config(path: Path, model_dir: Path, max_tokens: int) -> Path:
+    """An orpheus_config.yaml for the tiny model on the reference path, as a user would pass with --orpheus-config."""
+    sections = {
+        "model": {"llm": str(model_dir / "llm"), "codec": str(model_dir / "snac"), "device": "cpu"},
+        "engine": {"backend": "reference"},
+        "sampling": {"max_tokens": max_tokens, "seed": 7},
+    }
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def agent_argv(config: Path, whisper: Path) -> list[str]:
+    """Flags for a fully local agent: tiny Orpheus in-process, tiny Whisper, an LLM server that is never called."""
+    return [
+        *("--tts", "local", "--orpheus-config", str(config), "--voice", "leo"),
+        *("--whisper-model", str(whisper), "--whisper-device", "cpu", "--whisper-compute-type", "float32"),
+        *("--llm-base-url", "http://127.0.0.1:9/v1", "--llm-model", "llama3.2"),
+    ]
+
+
+def llm_reply(*tokens: str) -> list[Frame]:
+    """The frames an LLM service pushes for one streamed reply."""
+    return [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in tokens), LLMFullResponseEndFrame()]
+
+
+def audio_frames(frames: list[Frame]) -> list[TTSAudioRawFrame]:
+    """The audio frames, in order."""
+    return [f for f in frames if isinstance(f, TTSAudioRawFrame)]
+
+
+def first(frames: list[Frame], kind: type) -> int:
+    """Position of the first frame of a type."""
+    hits = [i for i, f in enumerate(frames) if isinstance(f, kind)]
+    assert hits, f"no {kind.__name__} in {[type(f).__name__ for f in frames]}"
+    return hits[0]
+
+
+async def run_agent(bot: ModuleType, argv: list[str], frames: list[Frame]) -> tuple[list[Frame], LLMContext]:
+    """Run the bot's own pipeline, built from its own services, with identity transports at both ends."""
+    services = bot.create_services(bot.parse_options(argv, environ={}))
+    context = LLMContext()
+    pipeline = bot.build_pipeline(IdentityFilter(), IdentityFilter(), services=services, context=context)
+    params = PipelineParams(audio_out_sample_rate=fmt.SAMPLE_RATE)
+    down, _ = await run_test(pipeline, frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S)
+    return list(down), context
+
+
+async def wait_idle(config_path: Path, timeout_s: float = 5.0) -> None:
+    """Wait until the shared engine of `config_path` holds no request (a cancel frees its slot at the next step)."""
+    synth = load_synthesizer(load_config(config_path))
+    for _ in range(int(timeout_s / 0.02)):
+        if synth.active_requests == 0 and synth.queued_requests == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine still busy: {synth.active_requests} active, {synth.queued_requests} queued")
+
+
+def test_system_prompt_teaches_every_orpheus_tag(bot: ModuleType) -> None:
+    """The LLM is told every emotion tag Orpheus performs, and the greeting uses only those."""
+    for tag in fmt.EMOTION_TAGS:
+        assert tag in bot.SYSTEM_PROMPT
+    used = re.findall(r"<[a-z]+>", bot.GREETING)
+    assert used and set(used) <= set(fmt.EMOTION_TAGS)
+
+
+def test_options_from_environment_and_flags(bot: ModuleType) -> None:
+    """ORPHEUS_URL selects remote mode, flags override the environment, and remote mode needs a URL."""
+    env = {"ORPHEUS_URL": "wss://me--pipecat-orpheus-orpheusserver-serve.modal.run/api/tts_streaming"}
+    remote = bot.parse_options([], environ={**env, "ORPHEUS_API_KEY": "k", "ORPHEUS_VOICE": "mia"})
+    assert (remote.tts, remote.orpheus_url, remote.orpheus_api_key, remote.voice) == (
+        "remote",
+        env["ORPHEUS_URL"],
+        "k",
+        "mia",
+    )
+    assert bot.parse_options(["--tts", "local"], environ=env).tts == "local"
+    assert bot.parse_options([], environ={}).tts == "local"
+    with pytest.raises(SystemExit):
+        bot.parse_options(["--tts", "remote"], environ={})
+
+
+def test_services_are_built_as_the_bot_builds_them(
+    bot: ModuleType, tiny_model_dir: Path, whisper_dir: Path, tmp_path: Path
+) -> None:
+    """Whisper, the OpenAI-compatible LLM and Orpheus (local and remote) are constructed offline by the bot's code."""
+    from pipecat.services.openai.llm import OpenAILLMService
+    from pipecat.services.whisper.stt import WhisperSTTService
+
+    config = write_config(tmp_path / "orpheus.yaml", tiny_model_dir, SHORT_TOKENS)
+    services = bot.create_services(bot.parse_options(agent_argv(config, whisper_dir), environ={}))
+    assert isinstance(services.stt, WhisperSTTService)
+    assert isinstance(services.llm, OpenAILLMService) and services.llm._settings.model == "llama3.2"
+    assert str(services.llm._client.base_url).startswith("http://127.0.0.1:9/v1")
+    assert isinstance(services.tts, OrpheusTTSService) and services.tts._settings.voice == "leo"
+    remote = bot.create_tts(bot.parse_options(["--orpheus-url", "ws://127.0.0.1:9/api/tts_streaming"], environ={}))
+    assert remote._url == "ws://127.0.0.1:9/api/tts_streaming"
+
+
+async def test_agent_speaks_the_llm_reply(
+    bot: ModuleType, tiny_model_dir: Path, whisper_dir: Path, tmp_path: Path
+) -> None:
+    """LLM text through the bot's pipeline comes out as one spoken turn of 24 kHz Orpheus audio, kept in the context."""
+    config = write_config(tmp_path / "orpheus.yaml", tiny_model_dir, SHORT_TOKENS)
+    down, context = await run_agent(bot, agent_argv(config, whisper_dir), llm_reply(*REPLY))
+    assert first(down, TTSStartedFrame) < first(down, TTSAudioRawFrame) < first(down, TTSStoppedFrame)
+    audio = audio_frames(down)
+    assert all(f.sample_rate == fmt.SAMPLE_RATE and f.num_channels == 1 for f in audio)
+    assert sum(len(f.audio) // 2 for f in audio) >= fmt.SAMPLES_PER_FRAME
+    said = " ".join(m["content"] for m in context.get_messages() if m.get("role") == "assistant")
+    assert "meet you" in said
+    await wait_idle(config)
+
+
+async def test_agent_stops_speaking_when_interrupted(
+    bot: ModuleType, tiny_model_dir: Path, whisper_dir: Path, tmp_path: Path
+) -> None:
+    """A barge-in mid-reply silences the bot at once, keeps the unspoken rest out of the context, frees the engine."""
+    config = write_config(tmp_path / "orpheus.yaml", tiny_model_dir, LONG_TOKENS)
+    frames = [*llm_reply(*REPLY), SleepFrame(1.0), InterruptionFrame(), SleepFrame(0.5)]
+    down, context = await run_agent(bot, agent_argv(config, whisper_dir), frames)
+    cut = first(down, InterruptionFrame)
+    assert audio_frames(down[:cut]) and not audio_frames(down[cut:])
+    said = " ".join(m["content"] for m in context.get_messages() if m.get("role") == "assistant")
+    assert "meet you" not in said
+    await wait_idle(config)
