@@ -57,8 +57,12 @@ def stream_decode(codec: SnacCodec, seqs: list[np.ndarray], seeds: list[int]) ->
     streams = [codec.open_stream(s) for s in seeds]
     out: list[list[np.ndarray]] = [[] for _ in seqs]
     for t in range(max(map(len, seqs)) + 1):
-        ready = [(i, w) for i, (st, q) in enumerate(zip(streams, seqs)) for w in (st.push(q[t]) if t < len(q) else st.finish())]
-        for (i, _), pcm in zip(ready, codec.decode([w for _, w in ready])):
+        ready = [
+            (i, w)
+            for i, (st, q) in enumerate(zip(streams, seqs, strict=False))
+            for w in (st.push(q[t]) if t < len(q) else st.finish())
+        ]
+        for (i, _), pcm in zip(ready, codec.decode([w for _, w in ready]), strict=False):
             out[i].append(pcm)
     return [np.concatenate(o) for o in out]
 
@@ -67,15 +71,20 @@ def fidelity_grid(model, device, args, rng) -> dict:
     seqs = [rng.integers(0, CODEBOOK_SIZE, (args.fid_frames, 7)) for _ in range(args.fid_streams)]
     seeds = list(range(len(seqs)))
     base = SnacCodec(model, CodecConfig(), device)
-    offline = [base.decode_frames(q, s) for q, s in zip(seqs, seeds)]
+    offline = [base.decode_frames(q, s) for q, s in zip(seqs, seeds, strict=False)]
     grid = {}
     for left in args.lefts:
         for right in args.rights:
             codec = SnacCodec(model, CodecConfig(left_context_frames=left, lookahead_frames=right), device)
             streamed = stream_decode(codec, seqs, seeds)
             both = snr_db(np.concatenate(streamed), np.concatenate(offline))
-            worst = min(snr_db(s, o) for s, o in zip(streamed, offline))
-            grid[f"L{left}_R{right}"] = {"left": left, "right": right, "snr_db": round(both, 2), "min_stream_snr_db": round(worst, 2)}
+            worst = min(snr_db(s, o) for s, o in zip(streamed, offline, strict=False))
+            grid[f"L{left}_R{right}"] = {
+                "left": left,
+                "right": right,
+                "snr_db": round(both, 2),
+                "min_stream_snr_db": round(worst, 2),
+            }
             print(f"  fidelity L={left} R={right}: {both:6.1f} dB (worst stream {worst:6.1f})", flush=True)
     return grid
 
@@ -113,31 +122,50 @@ def time_decode(codec: SnacCodec, windows: list[Window], reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def speed(model, device, left, right, args, rng) -> dict:
+def speed(model, device, left, right, args, rng, specs) -> dict:
+    """Time each variant spec "dtype[+compile][+cudnn]" (cudnn: torch.backends.cudnn.benchmark on)."""
     variants = {}
     pool = None
-    for dtype in args.dtypes:
-        for comp in args.compiles:
-            name = f"{dtype}{'+compile' if comp else ''}"
-            cfg = CodecConfig(left_context_frames=left, lookahead_frames=right, dtype=dtype, compile=comp, max_batch=max(args.batches))
-            try:
-                codec = SnacCodec(model, cfg, device)
-                pool = pool or steady_windows(codec, max(args.batches), rng)
-                t0 = time.perf_counter()
-                for b in args.batches:  # warm-up (compiles, with dynamic shapes)
-                    codec.decode(pool[:b])
-                warm = time.perf_counter() - t0
-                ms = {b: round(time_decode(codec, pool[:b], args.reps), 3) for b in args.batches}
-            except Exception as e:  # a variant that cannot run is reported, not fatal
-                print(f"  {name}: failed: {e!r}", flush=True)
-                variants[name] = {"error": repr(e)[:500]}
-                continue
-            seqs = [rng.integers(0, CODEBOOK_SIZE, (24, 7)) for _ in range(4)]
-            ref32 = SnacCodec(model, CodecConfig(), device)
-            prec = min(snr_db(codec.decode_frames(q, i), ref32.decode_frames(q, i)) for i, q in enumerate(seqs))
-            stream_fid = min(snr_db(s, codec.decode_frames(q, i)) for i, (q, s) in enumerate(zip(seqs, stream_decode(codec, seqs, list(range(4))))))
-            variants[name] = {"decode_ms": ms, "warmup_s": round(warm, 2), "precision_snr_vs_fp32_db": round(prec, 2), "stream_snr_db": round(stream_fid, 2), "codec": codec}
-            print(f"  {name}: " + " ".join(f"b{b}={v:.2f}ms" for b, v in ms.items()) + f"  warm {warm:.1f}s  vs fp32 {prec:.1f} dB  stream {stream_fid:.1f} dB", flush=True)
+    for name in specs:
+        parts = name.split("+")
+        dtype, comp = parts[0], "compile" in parts
+        torch.backends.cudnn.benchmark = "cudnn" in parts
+        cfg = CodecConfig(
+            left_context_frames=left, lookahead_frames=right, dtype=dtype, compile=comp, max_batch=max(args.batches)
+        )
+        try:
+            codec = SnacCodec(model, cfg, device)
+            pool = pool or steady_windows(codec, max(args.batches), rng)
+            t0 = time.perf_counter()
+            for b in args.batches:  # warm-up (compiles, with dynamic shapes)
+                codec.decode(pool[:b])
+            warm = time.perf_counter() - t0
+            ms = {b: round(time_decode(codec, pool[:b], args.reps), 3) for b in args.batches}
+        except Exception as e:  # a variant that cannot run is reported, not fatal
+            print(f"  {name}: failed: {e!r}", flush=True)
+            variants[name] = {"error": repr(e)[:500]}
+            continue
+        seqs = [rng.integers(0, CODEBOOK_SIZE, (24, 7)) for _ in range(4)]
+        ref32 = SnacCodec(model, CodecConfig(), device)
+        prec = min(snr_db(codec.decode_frames(q, i), ref32.decode_frames(q, i)) for i, q in enumerate(seqs))
+        stream_fid = min(
+            snr_db(s, codec.decode_frames(q, i))
+            for i, (q, s) in enumerate(zip(seqs, stream_decode(codec, seqs, list(range(4))), strict=False))
+        )
+        variants[name] = {
+            "decode_ms": ms,
+            "warmup_s": round(warm, 2),
+            "precision_snr_vs_fp32_db": round(prec, 2),
+            "stream_snr_db": round(stream_fid, 2),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "codec": codec,
+        }
+        print(
+            f"  {name}: "
+            + " ".join(f"b{b}={v:.2f}ms" for b, v in ms.items())
+            + f"  warm {warm:.1f}s  vs fp32 {prec:.1f} dB  stream {stream_fid:.1f} dB",
+            flush=True,
+        )
     return variants
 
 
@@ -196,7 +224,7 @@ def burst(codec: SnacCodec, rng, n: int) -> dict:
     with CodecWorker(codec) as worker:
         sinks = [TimedSink() for _ in wins]
         t = time.perf_counter()
-        for w, s in zip(wins, sinks):
+        for w, s in zip(wins, sinks, strict=False):
             worker.submit(w.stream, [w], s)
         for s in sinks:
             s.done.wait(30)
@@ -216,7 +244,13 @@ def burst(codec: SnacCodec, rng, n: int) -> dict:
         th.join()
     base = sorted(done)
     pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)  # noqa: E731
-    return {"windows": n, "ours_p50_ms": pct(lat, 0.5), "ours_max_ms": pct(lat, 1.0), "batched_p50_ms": pct(base, 0.5), "batched_max_ms": pct(base, 1.0)}
+    return {
+        "windows": n,
+        "ours_p50_ms": pct(lat, 0.5),
+        "ours_max_ms": pct(lat, 1.0),
+        "batched_p50_ms": pct(base, 0.5),
+        "batched_max_ms": pct(base, 1.0),
+    }
 
 
 def main() -> None:
@@ -229,8 +263,12 @@ def main() -> None:
     ap.add_argument("--fid-streams", type=int, default=16)
     ap.add_argument("--fid-frames", type=int, default=48)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--compiles", type=int, nargs="+", default=[0, 1])
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["float32", "float16", "bfloat16", "float32+compile", "float16+compile", "float16+compile+cudnn"],
+        help="dtype[+compile][+cudnn]: precision, torch.compile, cudnn.benchmark",
+    )
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--lone-reps", type=int, default=100)
     args = ap.parse_args()
@@ -239,31 +277,46 @@ def main() -> None:
     model = SNAC(**(tiny_snac_config() if args.tiny else REAL_SNAC)).eval()
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}; SNAC {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params (random weights)", flush=True)
+    print(
+        f"device {name}; SNAC {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params (random weights)",
+        flush=True,
+    )
 
     print("fidelity (fp32, streamed vs offline, seeded noise):", flush=True)
     grid = fidelity_grid(model, device, args, rng)
     left, right = choose_context(grid)
     print(f"chosen context: left {left}, lookahead {right}", flush=True)
 
-    print("speed (steady-state windows):", flush=True)
-    variants = speed(model, device, left, right, args, rng)
-    ok = {k: v for k, v in variants.items() if "error" not in v and v["precision_snr_vs_fp32_db"] >= TARGET_DB and v["stream_snr_db"] >= TARGET_DB}
+    print("speed (steady-state windows, eager):", flush=True)
+    variants = speed(model, device, left, right, args, rng, [v for v in args.variants if "compile" not in v])
+    result = report(args, name, grid, left, right, variants, rng)
+    compiled = [v for v in args.variants if "compile" in v]
+    if compiled:  # last: each compile costs ~40 s of warm-up
+        print("speed (torch.compile of the steady-state shape, dynamic batch):", flush=True)
+        variants.update(speed(model, device, left, right, args, rng, compiled))
+        result = report(args, name, grid, left, right, variants, rng)
+    print_table(args, name, result)
+
+
+def report(args, name, grid, left, right, variants, rng) -> dict:
+    """Pick the fastest variant within 40 dB of fp32, measure its batching latency, write the JSON."""
+    ok = {
+        k: v
+        for k, v in variants.items()
+        if "error" not in v and v["precision_snr_vs_fp32_db"] >= TARGET_DB and v["stream_snr_db"] >= TARGET_DB
+    }
     top = max(args.batches)
     best = min(ok, key=lambda k: ok[k]["decode_ms"][top]) if ok else "float32"
     codec = variants[best]["codec"]
+    torch.backends.cudnn.benchmark = variants[best].get("cudnn_benchmark", False)
     share = FRAMES_PER_S * 256 / top * variants[best]["decode_ms"][top] / 1e3  # GPU seconds per second at 256 streams
     fps = max(b / (ms / 1e3) for b, ms in variants[best]["decode_ms"].items())
-
-    print("lone request and burst:", flush=True)
+    print(f"lone request and burst ({best}):", flush=True)
     lone = lone_wait(codec, rng, args.lone_reps)
     bursts = burst(codec, rng, top)
     st = codec.open_stream(0)
     first_windows = [w for f in rng.integers(0, CODEBOOK_SIZE, (right + 1, 7)) for w in st.push(f)]
     first_ms = time_decode(codec, first_windows, args.reps)
-
-    for v in variants.values():
-        v.pop("codec", None)
     result = {
         "device": name,
         "command": "python " + " ".join(sys.argv),
@@ -274,7 +327,7 @@ def main() -> None:
         "chosen_variant": best,
         "dtype": best.split("+")[0],
         "compile": best.endswith("+compile"),
-        "decode_ms_bs1": variants[best]["decode_ms"][1] if 1 in variants[best]["decode_ms"] else None,
+        "decode_ms_bs1": variants[best]["decode_ms"].get(1),
         "decode_ms_bs64": variants[best]["decode_ms"].get(64),
         "lone_request_wait_ms": lone["ours_ms_p50"],
         "lone_request_wait_ms_batched": lone["batched_ms_p50"],
@@ -285,23 +338,38 @@ def main() -> None:
         "first_window_decode_ms": round(first_ms, 3),
         "lookahead_first_audio_cost_ms": {f"engine_step_{s}ms": round(right * 7 * s, 1) for s in ENGINE_STEP_MS},
         "fidelity_grid": grid,
-        "variants": variants,
+        "variants": {k: {kk: vv for kk, vv in v.items() if kk != "codec"} for k, v in variants.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    return result
 
+
+def print_table(args, name, r) -> None:
+    lone, bursts = r["lone_request"], r["burst"]
     print(f"\n== codec on {name} ==")
-    print(f"context L={left} R={right}: fidelity {result['fidelity_db']} dB (target >= {TARGET_DB}); variant {best}")
-    print("| variant | " + " | ".join(f"bs{b} ms" for b in args.batches) + " | vs fp32 dB | stream dB |")
-    for k, v in variants.items():
+    print(f"context L={r['left_context_frames']} R={r['lookahead_frames']}: ", end="")
+    print(f"fidelity {r['fidelity_db']} dB (target >= {TARGET_DB}); variant {r['chosen_variant']}")
+    print("| variant | " + " | ".join(f"bs{b} ms" for b in args.batches) + " | vs fp32 dB | stream dB | warm-up s |")
+    for k, v in r["variants"].items():
         if "error" in v:
             print(f"| {k} | failed |")
             continue
-        print(f"| {k} | " + " | ".join(f"{v['decode_ms'][b]:.2f}" for b in args.batches) + f" | {v['precision_snr_vs_fp32_db']:.1f} | {v['stream_snr_db']:.1f} |")
-    print(f"GPU share at 256 streams: {share * 100:.1f}% (target < 15%); saturation {fps:.0f} frames/s")
-    print(f"lone request wait beyond own decode ({lone['own_decode_ms']:.2f} ms): ours p50 {lone['ours_ms_p50']:.3f} ms (max {lone['ours_ms_max']:.2f}), batched {lone['batched_ms_p50']:.2f} ms")
-    print(f"burst of {top}: ours p50/max {bursts['ours_p50_ms']}/{bursts['ours_max_ms']} ms; batched {bursts['batched_p50_ms']}/{bursts['batched_max_ms']} ms")
-    print(f"first window decode {first_ms:.2f} ms; lookahead costs {right} x 7 engine steps = {result['lookahead_first_audio_cost_ms']} of first audio")
+        print(
+            f"| {k} | "
+            + " | ".join(f"{v['decode_ms'][b]:.2f}" for b in args.batches)
+            + f" | {v['precision_snr_vs_fp32_db']:.1f} | {v['stream_snr_db']:.1f} | {v['warmup_s']} |"
+        )
+    print(f"GPU share at 256 streams: {r['gpu_share_at_256_streams'] * 100:.1f}% (target < 15%); ", end="")
+    print(f"saturation {r['frames_per_s_saturation']:.0f} frames/s")
+    print(f"lone request wait beyond own decode ({lone['own_decode_ms']:.2f} ms): ", end="")
+    print(
+        f"ours p50 {lone['ours_ms_p50']:.3f} ms max {lone['ours_ms_max']:.2f}; batched {lone['batched_ms_p50']:.2f} ms"
+    )
+    print(f"burst of {bursts['windows']}: ours p50/max {bursts['ours_p50_ms']}/{bursts['ours_max_ms']} ms; ", end="")
+    print(f"batched {bursts['batched_p50_ms']}/{bursts['batched_max_ms']} ms")
+    print(f"first window decode {r['first_window_decode_ms']:.2f} ms; ", end="")
+    print(f"lookahead {r['lookahead_frames']} frames costs {r['lookahead_first_audio_cost_ms']} ms of first audio")
     print(f"wrote {args.out}")
 
 

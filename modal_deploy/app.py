@@ -21,17 +21,21 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import modal
 
 from pipecat_orpheus.config import Config, ModelConfig, load_config
+
+if TYPE_CHECKING:
+    from pipecat_orpheus.synthesizer import Synthesizer
 
 # ## Configuration: orpheus_config.yaml, read once, on both sides
 #
 # Modal imports this file twice: on your machine, where the decorators below are evaluated and
 # sent to Modal, and inside every container. Both must see the same configuration, so the YAML
 # is copied into the image, and the `ORPHEUS_*` overrides of the deploying shell are copied into
-# the image's environment (except the API keys, which travel only in a Modal Secret).
+# the image's environment (never the API keys: they travel only in a Modal Secret).
 # `ORPHEUS_CONFIG=path/to/other.yaml modal deploy ...` deploys another configuration file.
 
 IN_CONTAINER_CONFIG = Path("/root/orpheus_config.yaml")  # where load_config() looks by default in the container
@@ -41,9 +45,12 @@ CONFIG: Config = load_config(CONFIG_PATH)
 
 
 def forwarded_environment(config: Config, environ: dict[str, str]) -> dict[str, str]:
-    """The deploying shell's `ORPHEUS_*` overrides, minus secrets and the file choice, for the image."""
-    private = {config.server.api_key_env, "ORPHEUS_CONFIG"}
-    return {k: v for k, v in sorted(environ.items()) if k.startswith("ORPHEUS_") and k not in private}
+    """The deploying shell's `ORPHEUS_<SECTION>_<KEY>` config overrides, for the image; never the API keys.
+
+    Only config keys travel: a client-side `ORPHEUS_API_KEY` or `ORPHEUS_URL` in the shell stays there.
+    """
+    sections = tuple(f"ORPHEUS_{f.name.upper()}_" for f in dataclasses.fields(config))
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(sections) and k != config.server.api_key_env}
 
 
 # ## The image: pinned runtime, our package and the config on top
@@ -57,7 +64,7 @@ RUNTIME_PACKAGES = (
     "torch==2.13.0",
     "transformers==5.24.0",
     "safetensors==0.8.0",
-    "huggingface-hub[hf_xet]==2.4.0",
+    "huggingface-hub==2.4.0",  # with hf-xet on x86_64: fast, resumable downloads
     "snac==1.2.1",
     "batched==0.1.5",
     "pipecat-ai==1.14.0",
@@ -141,7 +148,7 @@ WARMUP_TEXT = "Hello."  # one short utterance: first-call allocations and kernel
 class RunningServer:
     """Our WebSocket server on its own event loop in a daemon thread; `stop()` shuts it down gracefully."""
 
-    def __init__(self, config: Config, synthesizer: object) -> None:
+    def __init__(self, config: Config, synthesizer: Synthesizer) -> None:
         self.config = config
         self.port: int | None = None
         self._synthesizer = synthesizer
@@ -181,7 +188,10 @@ class RunningServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, let in-flight utterances finish (server.shutdown_grace_s), then join the thread."""
+        """Stop accepting, let in-flight utterances finish (server.shutdown_grace_s), then join the thread.
+
+        The synthesizer stays open: it is the process's shared one, and the process is about to end.
+        """
         if self._stopped is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(self.config.server.shutdown_grace_s + 5)
@@ -202,7 +212,7 @@ def wait_healthy(url: str, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def start_server(config: Config, synthesizer: object | None = None) -> RunningServer:
+def start_server(config: Config, synthesizer: Synthesizer | None = None) -> RunningServer:
     """Load the engine (unless `synthesizer` is given), warm it up and serve `config.server`; blocking."""
     from pipecat_orpheus.synthesizer import load_synthesizer
 

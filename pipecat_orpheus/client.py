@@ -200,7 +200,11 @@ class OrpheusClient:
         utterance = Utterance(id)
         await self.connect()
         self._utterances[id] = utterance
-        await self._send(p.Speak(text, voice=voice, id=id))
+        try:
+            await self._send(p.Speak(text, voice=voice, id=id))
+        except ConnectionError:
+            self._utterances.pop(id, None)
+            raise
         return utterance
 
     def stream(self) -> Utterance:

@@ -196,9 +196,10 @@ class SnacCodec:
         # crop margin after block i, in that block's output samples: the receptive field of what follows
         self._margins = {i: _receptive_margin(self._leaves(layers[i + 1 :])) + 1 for i in blocks}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._forward = self._decode_group
-        if config.compile:
-            self._forward = torch.compile(self._decode_group, dynamic=True)
+        # torch.compile only the steady-state shape (nearly every window): its lengths stay static,
+        # only the batch dimension varies (automatic dynamic); start and end windows run eagerly
+        self._steady = (config.left_context_frames + 1 + config.lookahead_frames, config.left_context_frames, 1)
+        self._compiled = torch.compile(self._decode_steady) if config.compile else None
 
     def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A private copy with weight norm folded into plain weights, in eval mode on our device."""
@@ -249,8 +250,14 @@ class SnacCodec:
         codes = torch.from_numpy(np.stack([w.codes for w in windows])).to(self.device)  # (B, F, 7)
         keys = torch.tensor([w.stream.key for w in windows], dtype=torch.int64, device=self.device)[:, None]  # (B, 1)
         starts = torch.tensor([w.start for w in windows], dtype=torch.int64, device=self.device)[:, None]  # (B, 1)
-        pcm = self._forward(codes, keys, starts, left, emit)  # (B, emit * 2048)
+        if self._compiled is not None and (len(windows[0].codes), left, emit) == self._steady:
+            pcm = self._compiled(codes, keys, starts)  # (B, 2048)
+        else:
+            pcm = self._decode_group(codes, keys, starts, left, emit)  # (B, emit * 2048)
         return pcm.float().cpu().numpy()
+
+    def _decode_steady(self, codes: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        return self._decode_group(codes, keys, starts, self._steady[1], self._steady[2])
 
     def _decode_group(
         self, codes: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor, left: int, emit: int

@@ -53,6 +53,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     max_chars_per_piece: int = field(default=280, metadata=_range(20, 4000))
     gpu_memory_fraction: float = field(default=0.90, metadata=_range(0.1, 1.0))
+    kv_cache_dtype: str = field(default="auto", metadata=_choices("auto", "fp8"))
 
 
 @dataclass(frozen=True, slots=True)

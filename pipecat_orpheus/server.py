@@ -1,11 +1,9 @@
-"""`pipecat-orpheus serve`: the WebSocket shell around `session.Session` and a shared `Synthesizer`.
+"""`pipecat-orpheus serve`: the WebSocket server around a shared `Synthesizer`.
 
 Thin on purpose: `process_request` answers `/healthz` and `/metrics` and checks the API key
-(401 before the upgrade); each stream is an `asyncio.TaskGroup` of a `recv` task (frames ->
-session), a `send` task (session outbox -> frames) and one `synth` task per piece being spoken
-(speech source -> session). The tasks meet only in the session, whose outbox is bounded by
-`limits.max_unsent_audio_s`; the send task sleeps on an event, never polls. Whatever ends a
-stream, its `finally` cancels its engine requests, which frees their slots.
+(401 before the upgrade), the handler enforces the connection limit, and each accepted stream
+is run by `connection.Connection` (its tasks) around a `session.Session` (its rules). SIGTERM
+stops accepting, gives in-flight work `server.shutdown_grace_s`, then closes streams with 1001.
 """
 
 from __future__ import annotations
@@ -14,9 +12,11 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import http
 import itertools
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, urlsplit
@@ -31,19 +31,15 @@ from websockets.http11 import Request, Response
 from pipecat_orpheus import metrics
 from pipecat_orpheus import protocol as p
 from pipecat_orpheus.config import Config
+from pipecat_orpheus.connection import Connection
 from pipecat_orpheus.engine.request import SamplingParams
-from pipecat_orpheus.errors import ConfigError, EngineBusy, ProtocolError
-from pipecat_orpheus.format import SAMPLE_RATE
-from pipecat_orpheus.session import Abort, Close, Session, Start, Stop
-from pipecat_orpheus.synthesizer import AudioStream, Synthesizer, load_synthesizer
+from pipecat_orpheus.errors import ConfigError
+from pipecat_orpheus.session import Session
+from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
 
 STREAM_PATHS = ("/api/tts_streaming", "/ws")  # Kyutai's path, and a short alias
 GOING_AWAY = 1001  # RFC 6455: server shutting down
 TRY_AGAIN_LATER = 1013  # RFC 6455: at capacity (Kyutai: "no free channels")
-
-
-class _Closed(Exception):
-    """Raised by a stream's task when the stream is over, so the TaskGroup cancels the others."""
 
 
 class OrpheusServer:
@@ -57,6 +53,7 @@ class OrpheusServer:
         # Network
         host: str | None = None,
         port: int | None = None,
+        sock: socket.socket | None = None,
         # Auth
         api_keys: Sequence[str] | None = None,
         # Timeouts
@@ -69,6 +66,8 @@ class OrpheusServer:
             synthesizer: the shared speech source; None while it loads (`/healthz` says 503).
             host: overrides `server.host`.
             port: overrides `server.port` (0: any free port; read it back from `port`).
+            sock: an already bound, listening socket to serve on instead of host and port
+                (socket activation; accepted sockets inherit its options, e.g. SO_SNDBUF).
             api_keys: accepted keys; None reads the comma-separated env var `server.api_key_env`.
             close_timeout_s: how long a closing handshake may take before the socket is dropped.
         """
@@ -76,6 +75,7 @@ class OrpheusServer:
         self.synthesizer = synthesizer
         self.host = config.server.host if host is None else host
         self._port = config.server.port if port is None else port
+        self._sock = sock
         if api_keys is None:
             api_keys = os.environ.get(config.server.api_key_env, "").split(",")
         # Keys are kept only as digests: compared in constant time, never logged.
@@ -83,7 +83,7 @@ class OrpheusServer:
         self._close_timeout_s = close_timeout_s
         self._sampling = SamplingParams.from_config(config.sampling)
         self._ws: Server | None = None
-        self._streams: set[_Stream] = set()
+        self._streams: set[Connection] = set()
         self._ids = itertools.count(1)
         self.draining = False
 
@@ -92,10 +92,10 @@ class OrpheusServer:
     async def start(self) -> None:
         """Bind and start accepting; a port in use is a `ConfigError` naming `server.port`."""
         try:
+            where = {"sock": self._sock} if self._sock is not None else {"host": self.host, "port": self._port}
             self._ws = await ws_serve(
                 self._handle,
-                self.host,
-                self._port,
+                **where,
                 process_request=self._process_request,
                 compression=None,  # PCM barely compresses; deflate costs ~300 KiB per connection
                 max_size=self.config.limits.max_message_bytes,
@@ -107,7 +107,7 @@ class OrpheusServer:
             if e.errno == errno.EADDRINUSE:
                 raise ConfigError("server.port", f"{self.host}:{self._port} is already in use") from e
             raise ConfigError("server.host", f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
-        self._port = self._ws.sockets[0].getsockname()[1]
+        self.host, self._port = self._ws.sockets[0].getsockname()[:2]
         metrics.ENGINE_ACTIVE.set_function(lambda: self.synthesizer.active_requests if self.synthesizer else 0)
         metrics.ENGINE_QUEUED.set_function(lambda: self.synthesizer.queued_requests if self.synthesizer else 0)
         if not self._key_digests:
@@ -164,7 +164,7 @@ class OrpheusServer:
             return _plain(200, "ok\n") if self.synthesizer is not None else _plain(503, "loading\n")
         if url.path == "/metrics":
             body, content_type = metrics.render()
-            return Response(200, "OK", Headers([("Content-Type", content_type)]), body)
+            return _plain(200, body.decode(), content_type)
         if url.path not in STREAM_PATHS:
             return _plain(404, f"not found; the stream is at {STREAM_PATHS[0]}\n")
         if self.draining:
@@ -206,8 +206,11 @@ class OrpheusServer:
             metrics.CONNECTIONS_TOTAL.labels("busy").inc()
             metrics.ERRORS_TOTAL.labels("busy").inc()
             logger.warning(f"{self}: refused stream {n} from {_peer(ws)}: {why}")
-            await ws.send(p.encode(p.Error(f"server at capacity: {why}", code="busy")))
-            await ws.close(TRY_AGAIN_LATER, "busy")
+            try:
+                await ws.send(p.encode(p.Error(f"server at capacity: {why}", code="busy")))
+                await ws.close(TRY_AGAIN_LATER, "busy")
+            except ConnectionClosed:
+                pass
             return
         query = parse_qs(urlsplit(ws.request.path).query)
         voice = query.get("voice", [self.config.voices.default])[-1]
@@ -221,7 +224,16 @@ class OrpheusServer:
             max_chars_per_piece=self.config.engine.max_chars_per_piece,
         )
         pcm16 = query.get("format", [p.FORMATS[0]])[-1] == "Pcm16MessagePack"
-        stream = _Stream(n, ws, session, self.synthesizer, self._sampling, pcm16, self._close_timeout_s)
+        stream = Connection(
+            n,
+            ws,
+            session,
+            self.synthesizer,
+            sampling=self._sampling,
+            pcm16=pcm16,
+            close_timeout_s=self._close_timeout_s,
+            send_timeout_s=self.config.server.ping_timeout_s,
+        )
         self._streams.add(stream)
         metrics.CONNECTIONS.inc()
         metrics.CONNECTIONS_TOTAL.labels("accepted").inc()
@@ -234,150 +246,14 @@ class OrpheusServer:
             logger.debug(f"{self}: stream {n} closed ({ws.close_code})")
 
 
-class _Stream:
-    """The tasks of one WebSocket stream around its `Session`."""
-
-    def __init__(
-        self,
-        n: int,
-        ws: ServerConnection,
-        session: Session,
-        synthesizer: Synthesizer,
-        sampling: SamplingParams,
-        pcm16: bool,
-        close_timeout_s: float,
-    ):
-        self.n, self.ws, self.session, self.synthesizer = n, ws, session, synthesizer
-        self.sampling, self.pcm16, self.close_timeout_s = sampling, pcm16, close_timeout_s
-        self.idle = asyncio.Event()  # set while the session has no work: shutdown may close it
-        self._wake = asyncio.Event()  # the outbox has something for the send task
-        self._audio: dict[int, AudioStream] = {}
-        self._tg: asyncio.TaskGroup | None = None
-
-    async def run(self) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                self.session.start()
-                self._apply()
-                tg.create_task(self._recv(), name=f"recv-{self.n}")
-                tg.create_task(self._send(), name=f"send-{self.n}")
-        except* _Closed:
-            pass
-        finally:
-            for audio in self._audio.values():  # a disconnect frees the engine slots now
-                audio.cancel()
-            self._audio.clear()
-            self.idle.set()  # nothing left for a shutdown to wait for
-
-    async def _recv(self) -> None:
-        try:
-            async for data in self.ws:
-                try:
-                    message = p.decode_client(data)
-                except ProtocolError as e:
-                    self.session.error(e)
-                else:
-                    self.session.receive(message)
-                self._apply()
-        except ConnectionClosed:
-            pass
-        raise _Closed
-
-    async def _send(self) -> None:
-        try:
-            while True:
-                item = self.session.pop()
-                if item is None:
-                    self._update_idle()
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                if isinstance(item, Close):
-                    await self.ws.close(item.code, item.reason)
-                    raise _Closed
-                if isinstance(item, p.Error):
-                    metrics.ERRORS_TOTAL.labels(item.code or "internal").inc()
-                await self.ws.send(p.encode(item, pcm16=self.pcm16))
-        except ConnectionClosed:
-            raise _Closed from None
-
-    async def _synth(self, key: int, audio: AudioStream) -> None:
-        loop = asyncio.get_running_loop()
-        started = last = loop.time()
-        samples, error = 0, None
-        metrics.STREAMS.inc()
-        try:
-            async for chunk in audio:
-                now = loop.time()
-                (metrics.CHUNK_GAP if samples else metrics.TIME_TO_FIRST_AUDIO).observe(
-                    now - (last if samples else started)
-                )
-                last, samples = now, samples + len(chunk)
-                self.session.audio(key, chunk)
-                self._apply()
-        except Exception as e:  # an engine failure on this request ends this piece only
-            error = e
-        finally:
-            audio.cancel()  # no-op once finished; on teardown (disconnect) it frees the slot
-            metrics.STREAMS.dec()
-            metrics.AUDIO_SECONDS_TOTAL.inc(samples / SAMPLE_RATE)
-            if self._audio.get(key) is audio:
-                del self._audio[key]
-        if audio.cancelled:
-            metrics.PIECES_TOTAL.labels("cancelled").inc()
-            return
-        metrics.PIECES_TOTAL.labels("done" if error is None else "error").inc()
-        metrics.PIECE_AUDIO.observe(samples / SAMPLE_RATE)
-        self.session.finished(key, error)
-        self._apply()
-
-    def _apply(self) -> None:
-        """Carry out what the session asked for, then wake the send task if there is output."""
-        while actions := self.session.take_actions():
-            for action in actions:
-                if isinstance(action, Start):
-                    piece = action.piece
-                    try:
-                        audio = self.synthesizer.submit(piece.text, voice=piece.voice, sampling=self.sampling)
-                    except EngineBusy as e:
-                        metrics.PIECES_TOTAL.labels("busy").inc()
-                        self.session.finished(piece.key, e)
-                        continue
-                    self._audio[piece.key] = audio
-                    self._tg.create_task(self._synth(piece.key, audio), name=f"synth-{self.n}-{piece.key}")
-                elif isinstance(action, Stop):
-                    audio = self._audio.pop(action.key, None)
-                    if audio is not None:
-                        audio.cancel()
-                elif isinstance(action, Abort):
-                    self._tg.create_task(self._abort(action.code, action.reason), name=f"abort-{self.n}")
-        if self.session.outbox:
-            self._wake.set()
-        self._update_idle()
-
-    def _update_idle(self) -> None:
-        if self.session.idle:
-            self.idle.set()
-        else:
-            self.idle.clear()
-
-    async def _abort(self, code: int, reason: str) -> None:
-        """Close a stream whose client stopped reading: its buffers are full, so don't wait long."""
-        try:
-            async with asyncio.timeout(self.close_timeout_s):
-                await self.ws.close(code, reason)
-        except TimeoutError:
-            self.ws.transport.abort()
-        raise _Closed
-
-
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()  # fixed length, so compare_digest leaks nothing
 
 
-def _plain(status: int, text: str) -> Response:
-    return Response(status, "", Headers([("Content-Type", "text/plain; charset=utf-8")]), text.encode())
+def _plain(status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    body = text.encode()
+    headers = [("Connection", "close"), ("Content-Length", str(len(body))), ("Content-Type", content_type)]
+    return Response(status, http.HTTPStatus(status).phrase, Headers(headers), body)
 
 
 def _peer(ws: ServerConnection) -> str:
@@ -393,6 +269,7 @@ async def serve(
     # Network
     host: str | None = None,
     port: int | None = None,
+    sock: socket.socket | None = None,
     # Auth
     api_keys: Sequence[str] | None = None,
     # Timeouts
@@ -403,7 +280,7 @@ async def serve(
     Args are those of `OrpheusServer`.
     """
     server = OrpheusServer(
-        config, synthesizer, host=host, port=port, api_keys=api_keys, close_timeout_s=close_timeout_s
+        config, synthesizer, host=host, port=port, sock=sock, api_keys=api_keys, close_timeout_s=close_timeout_s
     )
     await server.start()
     try:

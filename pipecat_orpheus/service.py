@@ -5,7 +5,9 @@ sentence to the process-wide shared `Synthesizer` (one engine per process, loade
 every pipeline); with `url` it streams from an Orpheus server (ours or the Modal deployment)
 through `OrpheusClient`. Either way one sentence becomes one cancellable stream of 24 kHz float32
 PCM, so everything Pipecat-facing (frames, resampling, metrics, word times, interruption, errors)
-is written once and the modes differ only in `_local_speech` and `_remote_speech`.
+is written once; the modes differ only in where a sentence's audio comes from (`_local_speech`,
+`_remote_speech`) and how it is stopped (`AudioStream.cancel()`, or `Cancel{id}` to the server).
+A base class with two subclasses was considered and not taken: each would hold a dozen lines.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ from pipecat_orpheus.text import word_timings
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "max_tokens")
 
-Word = tuple[str, float]  # (word, start in seconds from the start of its sentence's audio)
+WordTimes = list[tuple[str, float]]  # (word, start in seconds from its sentence's first audio)
 
 
 @dataclass
 class OrpheusTTSSettings(TTSSettings):
     """Runtime-updatable settings of `OrpheusTTSService` (send a `TTSUpdateSettingsFrame`).
 
-    Parameters:
+    Attributes:
         temperature: Sampling temperature (0 = greedy); Orpheus sounds best near 0.6.
         top_p: Nucleus sampling mass, in (0, 1].
         repetition_penalty: >= 1.1 keeps Orpheus from looping.
@@ -58,13 +60,18 @@ class OrpheusTTSSettings(TTSSettings):
 
 
 class OrpheusTTSService(TTSService):
-    """Orpheus TTS, local (in-process shared engine) or remote (Orpheus WebSocket server).
+    """Orpheus TTS, local (the in-process shared engine) or remote (an Orpheus WebSocket server).
 
     Audio is 24 kHz mono, pushed as it is decoded and resampled to the pipeline's output rate
     when that differs. Word times are estimated from the audio actually generated and are
     cumulative over the sentences of a turn, so only words the listener heard reach the
     conversation context. An interruption cancels the engine request (or the server utterance)
     at once; every sentence has its own request id, since a turn's sentences share a context id.
+
+    Example::
+
+        tts = OrpheusTTSService(settings=OrpheusTTSService.Settings(voice="leo"))  # local GPU
+        tts = OrpheusTTSService(url="wss://you--pipecat-orpheus.modal.run", api_key=key)  # remote
     """
 
     Settings = OrpheusTTSSettings
@@ -76,30 +83,34 @@ class OrpheusTTSService(TTSService):
         config: Config | None = None,
         url: str | None = None,
         api_key: str | None = None,
+        client: OrpheusClient | None = None,
         settings: OrpheusTTSSettings | None = None,
         **kwargs: Any,
     ):
         """Create the service; nothing is loaded or connected until the pipeline starts.
 
         Args:
-            config: Model, engine and sampling defaults (default: `load_config()`, i.e.
-                orpheus_config.yaml and `ORPHEUS_*` variables). Local mode loads `config.model`.
-            url: WebSocket URL of an Orpheus server (`ws://host:8000/api/tts_streaming`, or a
-                Modal deployment's `wss://...`). Given: remote mode. None: local mode.
+            config: Model, engine, voice and sampling defaults (default: `load_config()`, i.e.
+                orpheus_config.yaml then `ORPHEUS_*` variables). Local mode loads `config.model`.
+            url: Address of an Orpheus server (`ws://host:8000`, or a Modal deployment's
+                `wss://...`). Given: remote mode, whose sampling is the server's own. None: local mode.
             api_key: The server's API key (remote mode), if it requires one.
+            client: Remote mode with a client of your own instead of `url`/`api_key`, e.g. with a
+                longer `open_timeout_s` for a deployment that scales to zero (cold starts).
             settings: Voice and sampling overrides, applied over the config's defaults.
             **kwargs: Passed to `TTSService` (e.g. `sample_rate`, `text_transforms`).
         """
         self._config = config if config is not None else load_config()
         sampling = self._config.sampling
+        local = url is None and client is None
         defaults = self.Settings(
-            model=url or self._config.model.llm,
+            model=self._config.model.llm if local else None,
             voice=self._config.voices.default,
             language=None,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            repetition_penalty=sampling.repetition_penalty,
-            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature if local else None,
+            top_p=sampling.top_p if local else None,
+            repetition_penalty=sampling.repetition_penalty if local else None,
+            max_tokens=sampling.max_tokens if local else None,
         )
         if settings is not None:
             defaults.apply_update(settings)
@@ -108,14 +119,15 @@ class OrpheusTTSService(TTSService):
         super().__init__(
             push_start_frame=True, push_stop_frames=True, push_text_frames=False, settings=defaults, **kwargs
         )
-        self._url = url
-        self._api_key = api_key
+        if not local and settings is not None:
+            self._warn_unhandled_updated_settings(set(_SAMPLING_FIELDS) & set(settings.given_fields()))
         self._synth: Synthesizer | None = None
-        self._client: Any = None  # OrpheusClient in remote mode
+        self._client = client or (None if local else OrpheusClient(url, api_key=api_key))
         self._request_ids = itertools.count()
-        self._inflight: dict[str, tuple[str, AudioStream | None]] = {}  # request id -> (context id, stream)
-        self._context_audio_s: dict[str, float] = {}  # audio already queued in each context (turn)
-        # Never cleared on a timer: a slow first chunk must not lose the filter's history.
+        self._inflight: dict[str, tuple[str, AudioStream | None]] = {}  # request id -> (context id, local stream)
+        self._cancels: set[asyncio.Task] = set()  # remote Cancel messages on their way
+        self._context_audio_s: dict[str, float] = {}  # audio already generated in each context (turn)
+        # Never cleared on a timer: a slow chunk must not lose the filter's history mid-sentence.
         self._out_resampler = create_stream_resampler(clear_after_secs=None)
 
     def can_generate_metrics(self) -> bool:
@@ -125,15 +137,18 @@ class OrpheusTTSService(TTSService):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, frame: StartFrame):
-        """Load the shared engine off the event loop (local) or connect (remote)."""
+        """Load the shared engine off the event loop (local), or connect to the server (remote)."""
         await super().start(frame)
-        if self._url is None:
+        if self._client is None:
             try:
                 self._synth = await asyncio.to_thread(load_synthesizer, self._config)
             except ModelLoadError as e:
                 await self._report(e, "could not load the Orpheus model")
-        else:
-            await self._connect()
+            return
+        try:
+            await self._client.connect()
+        except (AuthError, EngineBusy, ConnectionError, ProtocolError) as e:
+            await self._report(e, f"could not connect to {self._client.url}")
 
     async def stop(self, frame: EndFrame):
         """Finish the queued audio, then release this service's requests and connection."""
@@ -145,17 +160,23 @@ class OrpheusTTSService(TTSService):
         await super().cancel(frame)
         await self._shutdown()
 
+    async def cleanup(self):
+        """Always runs at teardown, even when no EndFrame or CancelFrame came: release everything."""
+        await super().cleanup()
+        await self._shutdown()
+
     async def _shutdown(self) -> None:
+        """Cancel this service's requests (never the shared engine itself) and close the connection."""
         for request_id in list(self._inflight):
             await self._cancel_request(request_id)
         if self._client is not None:
-            await self._client.close()
-            self._client = None
+            await self._client.close()  # the server cancels whatever the connection still had running
+        await asyncio.gather(*self._cancels)  # they end with the connection, confirmed or not
 
     # -- settings --------------------------------------------------------------------------
 
     async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
-        """Apply a runtime delta; a bad sampling value is refused and reported, not applied."""
+        """Apply a runtime delta; a bad value is refused (and reported), not applied."""
         changed = await super()._update_settings(delta)
         try:
             self._check_settings(self._settings)
@@ -164,8 +185,8 @@ class OrpheusTTSService(TTSService):
                 setattr(self._settings, name, old)
             await self.push_error(f"Orpheus setting refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
             return {}
-        if "model" in changed:
-            self._warn_unhandled_updated_settings({"model"})
+        fixed = {"model"} | (set(_SAMPLING_FIELDS) if self._client is not None else set())
+        self._warn_unhandled_updated_settings(fixed & set(changed))  # the server samples as it is configured
         return changed
 
     def _check_settings(self, settings: OrpheusTTSSettings) -> None:
@@ -188,14 +209,15 @@ class OrpheusTTSService(TTSService):
             context_id: The turn's audio context, shared by the sentences of one reply.
         """
         request_id = f"{context_id}:{next(self._request_ids)}"  # one engine request per sentence
-        offset_s = self._context_audio_s.get(context_id, 0.0)
+        offset_s = self._context_audio_s.get(context_id, 0.0)  # where this sentence starts in the turn
         samples = 0  # 24 kHz samples of this sentence so far
         await self.start_tts_usage_metrics(text)
         await self._out_resampler.reset()
-        speech = self._local_speech(text, request_id) if self._url is None else self._remote_speech(text, request_id)
+        source = self._local_speech if self._client is None else self._remote_speech
+        speech = source(text, context_id, request_id)
         try:
             async for item in speech:
-                if isinstance(item, np.ndarray):
+                if isinstance(item, np.ndarray):  # (n,) float32 at 24 kHz
                     await self.stop_ttfb_metrics()
                     samples += len(item)
                     audio = await self._resample(float_to_pcm16_bytes(item))
@@ -215,25 +237,48 @@ class OrpheusTTSService(TTSService):
             await speech.aclose()
             await self.stop_ttfb_metrics()
 
-    async def _local_speech(self, text: str, request_id: str) -> AsyncIterator[np.ndarray | list[Word]]:
+    async def _local_speech(self, text: str, context_id: str, request_id: str) -> AsyncIterator[np.ndarray | WordTimes]:
         """PCM chunks from the shared engine, then the sentence's estimated word times."""
         if self._synth is None:
             raise ModelLoadError("the Orpheus model is not loaded (see the error reported at start)")
         stream = self._synth.submit(text, voice=self._settings.voice, sampling=self._sampling(self._settings))
-        self._inflight[request_id] = (request_id.rpartition(":")[0], stream)
+        self._inflight[request_id] = (context_id, stream)
         samples = 0
         try:
-            async for pcm in stream:  # (n,) float32 at 24 kHz
+            async for pcm in stream:
                 samples += len(pcm)
                 yield pcm
             yield [(w, start) for w, start, _ in word_timings(text, 0.0, samples / fmt.SAMPLE_RATE)]
         finally:
-            await self._cancel_request(request_id)
+            await self._cancel_request(request_id)  # no-op when the stream has finished
 
-    async def _remote_speech(self, text: str, request_id: str) -> AsyncIterator[np.ndarray | list[Word]]:
-        """PCM chunks and word times of one utterance streamed from the server."""
-        raise NotImplementedError  # written against client.py once it lands
-        yield
+    async def _remote_speech(
+        self, text: str, context_id: str, request_id: str
+    ) -> AsyncIterator[np.ndarray | WordTimes]:
+        """PCM chunks of one server utterance, then the server's word times for it.
+
+        A connection found dropped (the server restarted, an idle proxy closed it) is reopened
+        and the sentence sent again, as long as none of its audio has arrived yet.
+        """
+        for attempt in range(2):
+            utterance, heard = None, False
+            self._inflight[request_id] = (context_id, None)
+            try:
+                utterance = await self._client.speak(text, voice=self._settings.voice, id=request_id)
+                async for pcm in utterance:
+                    heard = True
+                    yield pcm
+                yield utterance.word_times()
+                return
+            except ConnectionError as e:
+                if heard or attempt:
+                    raise
+                logger.info(f"{self}: connection lost ({e}); reconnecting")
+                await self._client.close()
+            finally:
+                if utterance is None or utterance.finished:
+                    self._inflight.pop(request_id, None)
+                await self._cancel_request(request_id)  # stopped early: Cancel{id} frees it on the server
 
     async def _resample(self, pcm16: bytes, *, last: bool = False) -> bytes:
         """24 kHz int16 bytes to the pipeline's rate (even length); `last` flushes the filter."""
@@ -257,30 +302,43 @@ class OrpheusTTSService(TTSService):
         self._context_audio_s.pop(context_id, None)
 
     async def _cancel_request(self, request_id: str) -> None:
+        """Stop one request now: the engine frees its slot at the next step; the server gets Cancel."""
         entry = self._inflight.pop(request_id, None)
         if entry is None:
             return
-        _, stream = entry
+        stream = entry[1]
         if stream is not None:
-            stream.cancel()  # frees the engine slot at its next step
+            stream.cancel()
+        elif self._client is not None and self._client.connected:
+            # Not awaited: the interruption must not wait a network round trip for the confirmation.
+            task = asyncio.get_running_loop().create_task(self._send_cancel(request_id))
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
+
+    async def _send_cancel(self, request_id: str) -> None:
+        try:
+            await self._client.cancel(request_id)
+        except (ConnectionError, TimeoutError) as e:  # a closed connection has cancelled it anyway
+            logger.debug(f"{self}: Cancel {request_id} not confirmed: {e}")
 
     # -- errors ----------------------------------------------------------------------------
 
     async def _report(self, error: Exception, what: str) -> None:
-        """Turn one of our typed errors into an `ErrorFrame` whose category says if retrying helps."""
+        """One of our typed errors as an `ErrorFrame` whose category tells whether retrying can help."""
         if isinstance(error, ModelLoadError):
             await self.push_error(f"{what}: {error}", exception=error, force_treat_as_permanent=True)
         elif isinstance(error, AuthError):
-            msg = f"{what}: the Orpheus server refused the API key ({error})"
+            msg = f"{what}: the server refused the API key ({error})"
             await self.push_error(msg, exception=error, category=ErrorCategory.AUTHENTICATION)
         elif isinstance(error, EngineBusy):
             msg = f"{what}: Orpheus is at capacity, try again later ({error})"
             await self.push_error(msg, exception=error, category=ErrorCategory.RATE_LIMIT)
-        elif isinstance(error, OSError):
+        elif isinstance(error, ConnectionError):
             await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.CONNECTIVITY)
+        elif isinstance(error, ProtocolError):  # the server refused or failed this one request
+            await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.SERVER)
+        elif isinstance(error, ConfigError):  # e.g. a voice the engine does not know
+            await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.APPLICATION)
         else:
-            logger.exception(f"{self}: {what}")
+            logger.opt(exception=error).error(f"{self}: {what}")
             await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.UNKNOWN)
-
-    async def _connect(self) -> None:
-        raise NotImplementedError

@@ -42,7 +42,7 @@ class Piece:
     text: str
     voice: str
     id: p.MessageId | None  # the client's utterance id (Speak), None for streamed Text
-    last: bool  # the utterance's last piece: flush the framer, then Done{id}
+    last: bool  # the utterance's last piece: Done{id} follows it
     streamed: bool  # from streamed Text (bounded by max_buffered_chars), else from Speak
     samples: int = 0  # audio generated so far
 
@@ -114,7 +114,7 @@ class Session:
         self._actions: list[Action] = []
         self._queue: deque[Piece | _Barrier] = deque()
         self._current: Piece | None = None
-        self._framer = PcmFramer()  # one utterance's audio -> 1920-sample messages
+        self._framer = PcmFramer()  # the current piece's audio -> 1920-sample messages, short last one
         self._sentences = SentenceBuffer(max_chars_per_piece)
         self._next_key = 0
         self._next_utterance = 0
@@ -190,10 +190,9 @@ class Session:
             return
         self._current = None
         if error is None:
+            self._send_audio(piece, self._framer.flush())
             # Where this piece began on the timeline, robust to Cancel purging other pieces' audio.
-            start = (self._timeline_samples + self._framer.pending - piece.samples) / SAMPLE_RATE
-            if piece.last:
-                self._send_audio(piece, self._framer.flush())
+            start = (self._timeline_samples - piece.samples) / SAMPLE_RATE
             for word, start_s, stop_s in word_timings(piece.text, start, piece.samples / SAMPLE_RATE):
                 self._send(p.Word(word, start_s, stop_s, id=piece.id), piece)
             if piece.last and piece.id is not None:
@@ -264,7 +263,7 @@ class Session:
         self._drop(match)
         if self._current is not None and match(self._current):
             self._actions.append(Stop(self._current.key))
-            self._framer.flush()  # held samples belong to the cancelled utterance
+            self._framer.flush()  # held samples belong to the cancelled piece
             self._current = None
         kept = deque()
         for out in self.outbox:

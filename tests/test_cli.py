@@ -8,39 +8,53 @@ import pytest
 
 from pipecat_orpheus.cli import main
 
-CLI = [sys.executable, "-m", "pipecat_orpheus.cli"]
 
-
-def _run(args, tmp_path, stdin=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(CLI + args, cwd=tmp_path, env=env, input=stdin, capture_output=True, text=True, timeout=240)
-
-
-def test_make_tiny_model_then_speak_writes_wav(tmp_path):
-    """The README flow: make-tiny-model, then speak text from stdin offline -> a valid 24 kHz mono 16-bit WAV."""
-    made = _run(["make-tiny-model", "tiny"], tmp_path)
-    assert made.returncode == 0, made.stderr
-    assert "noise, not speech" in made.stdout
-    spoken = _run(
-        ["speak", "--model", "tiny/llm", "--codec", "tiny/snac", "-o", "hi.wav", "--seed", "1", "--max-tokens", "70"],
-        tmp_path,
-        stdin="Hi there <laugh>.",
-    )
-    assert spoken.returncode == 0, spoken.stderr
-    assert "Time to first audio" in spoken.stdout and "real-time factor" in spoken.stdout
-    with wave.open(str(tmp_path / "hi.wav")) as wav:
+def _check_wav(path, frames=None):
+    with wave.open(str(path)) as wav:
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 24000)
         assert wav.getnframes() > 0 and wav.getnframes() % 2048 == 0
+        if frames is not None:
+            assert wav.getnframes() == frames * 2048
 
 
-def test_speak_argument_text_voice_and_reproducible(tmp_path, tiny_model_dir):
-    """Text as an argument with a voice and seed; the same seed writes the same file twice."""
-    args = ["speak", "Hello there.", "--voice", "leo", "--seed", "5", "--max-tokens", "35", "--device", "cpu"]
-    args += ["--model", str(tiny_model_dir / "llm"), "--codec", str(tiny_model_dir / "snac")]
-    for name in ("a.wav", "b.wav"):
-        done = _run([*args, "-o", name], tmp_path)
-        assert done.returncode == 0, done.stderr
-    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+def test_make_tiny_model_then_speak_writes_wav(tmp_path, monkeypatch, capsys):
+    """The README flow, offline: make-tiny-model, then speak text from stdin -> a valid 24 kHz mono 16-bit WAV."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-tiny-model", "tiny"]) == 0
+    assert "noise, not speech" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there <laugh>."))
+    args = ["speak", "--model", "tiny/llm", "--codec", "tiny/snac", "-o", "hi.wav", "--seed", "1", "--max-tokens", "70"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Time to first audio" in out and "real-time factor" in out
+    _check_wav(tmp_path / "hi.wav")
+
+
+def test_speak_argument_text_with_voice_and_config(tmp_path, tiny_model_dir, capsys):
+    """Text as an argument with a voice and a --config file, greedy on the CPU, writes whole frames."""
+    config = tmp_path / "c.yaml"
+    config.write_text("engine:\n  max_chars_per_piece: 100\nsampling:\n  temperature: 0\n")
+    args = ["speak", "Hello there.", "--voice", "leo", "--max-tokens", "35", "--device", "cpu", "--config", str(config)]
+    args += [
+        "--model",
+        str(tiny_model_dir / "llm"),
+        "--codec",
+        str(tiny_model_dir / "snac"),
+        "-o",
+        str(tmp_path / "a.wav"),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    _check_wav(tmp_path / "a.wav", frames=5)  # greedy on the tiny model never picks END_OF_SPEECH: 35 tokens
+
+
+def test_console_error_has_no_traceback(tmp_path):
+    """Run as a program, a user error is one line on stderr and exit code 2, with no traceback."""
+    cmd = [sys.executable, "-m", "pipecat_orpheus.cli", "speak", "Hi.", "--model", str(tmp_path / "missing")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("pipecat-orpheus: error: model.llm path")
 
 
 def _one_line_error(capsys, code):

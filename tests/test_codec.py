@@ -38,10 +38,10 @@ def stream_all(codec: SnacCodec, sequences: list[np.ndarray], seeds: list[int]) 
     chunks: list[list[np.ndarray]] = [[] for _ in sequences]
     for t in range(max(len(s) for s in sequences) + 1):
         ready: list[tuple[int, Window]] = []
-        for i, (stream, seq) in enumerate(zip(streams, sequences)):
+        for i, (stream, seq) in enumerate(zip(streams, sequences, strict=False)):
             windows = stream.push(seq[t]) if t < len(seq) else stream.finish()
             ready += [(i, w) for w in windows]
-        for (i, _), pcm in zip(ready, codec.decode([w for _, w in ready])):
+        for (i, _), pcm in zip(ready, codec.decode([w for _, w in ready]), strict=False):
             chunks[i].append(pcm)
     return chunks
 
@@ -51,7 +51,7 @@ def test_streamed_matches_offline_for_many_lengths(codec):
     rng = np.random.default_rng(1)
     sequences = [rng.integers(0, CODEBOOK_SIZE, (n, 7)) for n in LENGTHS]
     seeds = list(range(len(LENGTHS)))
-    for seq, seed, chunks in zip(sequences, seeds, stream_all(codec, sequences, seeds)):
+    for seq, seed, chunks in zip(sequences, seeds, stream_all(codec, sequences, seeds), strict=False):
         streamed = np.concatenate(chunks)
         offline = codec.decode_frames(seq, seed)
         assert streamed.dtype == np.float32 and streamed.shape == offline.shape == (len(seq) * SAMPLES_PER_FRAME,)
@@ -109,7 +109,7 @@ def test_noise_is_seeded_and_batch_invariant(codec):
         ready = [w for st in streams for w in st.push(frame)]
     together = codec.decode(ready)
     alone = [codec.decode([w])[0] for w in ready]
-    for x, y in zip(together, alone):
+    for x, y in zip(together, alone, strict=False):
         np.testing.assert_allclose(x, y, atol=1e-5)
     keys = torch.tensor([[5]])
     pos = torch.arange(100_000)[None]
@@ -172,7 +172,7 @@ def test_worker_keeps_order_across_concurrent_requests(codec):
         assert worker.wait_idle(60)
         lookahead = codec.config.lookahead_frames
         assert worker.windows == sum(max(0, len(s) - lookahead) + (min(len(s), lookahead) > 0) for s in sequences)
-    for i, (seq, sink) in enumerate(zip(sequences, sinks)):
+    for i, (seq, sink) in enumerate(zip(sequences, sinks, strict=False)):
         assert sink.finished == [None]
         streamed = np.concatenate(sink.chunks)
         assert snr_db(streamed, codec.decode_frames(seq, 100 + i)) >= 40

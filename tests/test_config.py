@@ -33,7 +33,7 @@ def test_env_overrides_yaml_and_cli_overrides_env(tmp_path):
     """Precedence is YAML < ORPHEUS_SECTION_KEY environment < CLI overrides."""
     path = tmp_path / "c.yaml"
     path.write_text("server:\n  port: 9001\n  host: 0.0.0.0\n")
-    env = {"ORPHEUS_SERVER_PORT": "9002", "ORPHEUS_ENGINE_MAX_SLOTS": "8", "HOME": "/root"}
+    env = {"ORPHEUS_SERVER_PORT": "9002", "ORPHEUS_ENGINE_MAX_SLOTS": "8", "ORPHEUS_API_KEYS": "k1"}
     config = load_config(path, environ=env)
     assert config.server.port == 9002 and config.engine.max_slots == 8 and config.server.host == "0.0.0.0"
     config = load_config(path, overrides={"server.port": 9003, "server.host": None}, environ=env)

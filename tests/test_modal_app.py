@@ -20,10 +20,12 @@ from types import ModuleType
 import numpy as np
 import pytest
 import websockets
+from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus import protocol as p
 from pipecat_orpheus.config import Config, ModelConfig, load_config
+from tests.test_voice_agent import bot, llm_reply, run_agent, whisper_dir, whisper_flags  # noqa: F401 (fixtures)
 
 pytest.importorskip("modal", reason="modal is not installed: pip install -e '.[modal]'")
 
@@ -91,8 +93,14 @@ def test_image_pins_every_dependency(app: ModuleType) -> None:
 
 
 def test_forwarded_environment_keeps_keys_out_of_the_image(app: ModuleType, config: Config) -> None:
-    """Deploy-time ORPHEUS_* overrides reach the container; the API keys and unrelated variables do not."""
-    environ = {"ORPHEUS_ENGINE_MAX_SLOTS": "64", config.server.api_key_env: "secret", "HOME": "/root"}
+    """Deploy-time config overrides reach the container; server keys, client settings and the rest do not."""
+    environ = {
+        "ORPHEUS_ENGINE_MAX_SLOTS": "64",
+        config.server.api_key_env: "server-secret",
+        "ORPHEUS_API_KEY": "client-secret",
+        "ORPHEUS_URL": "wss://x",
+        "HOME": "/root",
+    }
     assert app.forwarded_environment(config, environ) == {"ORPHEUS_ENGINE_MAX_SLOTS": "64"}
 
 
@@ -128,21 +136,9 @@ def test_container_config_listens_everywhere(app: ModuleType, config: Config, ti
     assert (served.server.host, served.server.port, served.model) == ("0.0.0.0", app.PORT, model)
 
 
-def healthz(port: int) -> int:
-    """HTTP status of GET /healthz."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-async def test_serving_entry_completes_a_session(
-    app: ModuleType, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The container's serving entry, on loopback with the tiny model: healthy, key-protected, and it speaks."""
-    monkeypatch.setenv(KEYS_ENV, API_KEY)
-    config = load_config(
+def serving_config(tiny_model_dir: Path) -> Config:
+    """The tiny model on the reference path, served on a free loopback port with this test's key variable."""
+    return load_config(
         overrides={
             "engine.backend": "reference",
             "model.llm": str(tiny_model_dir / "llm"),
@@ -157,7 +153,23 @@ async def test_serving_entry_completes_a_session(
         },
         environ={},
     )
-    running = await _to_thread(app.start_server, config)
+
+
+def healthz(port: int) -> int:
+    """HTTP status of GET /healthz."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def test_serving_entry_completes_a_session(
+    app: ModuleType, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container's serving entry, on loopback with the tiny model: healthy, key-protected, and it speaks."""
+    monkeypatch.setenv(KEYS_ENV, API_KEY)
+    running = await _to_thread(app.start_server, serving_config(tiny_model_dir))
     try:
         assert running.port and await _to_thread(healthz, running.port) == 200
         url = f"ws://127.0.0.1:{running.port}/api/tts_streaming?voice=leo"
@@ -177,6 +189,34 @@ async def test_serving_entry_completes_a_session(
     finally:
         await _to_thread(running.stop)
     assert not running._thread.is_alive()
+
+
+async def test_voice_agent_speaks_through_the_serving_entry(
+    app: ModuleType,
+    bot: ModuleType,  # noqa: F811 (fixture imported above)
+    whisper_dir: Path | None,  # noqa: F811 (fixture imported above)
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The example bot in remote mode, pointed at the container's serving entry with a key, speaks the LLM's reply."""
+    monkeypatch.setenv(KEYS_ENV, API_KEY)
+    running = await _to_thread(app.start_server, serving_config(tiny_model_dir))
+    try:
+        url = f"ws://127.0.0.1:{running.port}/api/tts_streaming"
+        argv = [
+            *("--orpheus-url", url, "--orpheus-api-key", API_KEY, "--voice", "zoe"),
+            *whisper_flags(whisper_dir),
+            *("--llm-base-url", "http://127.0.0.1:9/v1", "--llm-model", "llama3.2"),
+        ]
+        reply = llm_reply("Hello from ", "the cloud. ", "Nice to meet you.")
+        down, context = await run_agent(bot, argv, reply, whisper=whisper_dir is not None)
+    finally:
+        await _to_thread(running.stop)
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert sum(len(f.audio) // 2 for f in audio) >= 2 * fmt.SAMPLES_PER_FRAME  # two sentences, whole frames each
+    assert not [f for f in down if isinstance(f, ErrorFrame)]
+    said = " ".join(m["content"] for m in context.get_messages() if m.get("role") == "assistant")
+    assert "meet you" in said
 
 
 async def _to_thread(fn, *args):

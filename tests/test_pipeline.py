@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pipecat.frames.frames import (
+    ErrorFrame,
     Frame,
     InterruptionFrame,
     TTSAudioRawFrame,
@@ -19,33 +21,49 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config
-from pipecat_orpheus.service import OrpheusTTSService, OrpheusTTSSettings
-from pipecat_orpheus.synthesizer import Synthesizer
+from pipecat_orpheus.service import OrpheusTTSService
+from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
 from tests.test_service import (
     LONG_TOKENS,
     MAX_TOKENS,
+    MODES,
     START_TIMEOUT_S,
-    config,  # noqa: F401 (fixture)
     index,
     llm_reply,
     of,
+    orpheus_tts,
     samples,
-    synth,  # noqa: F401 (fixture)
+    tiny_config,
     wait_idle,
 )
 
-REPLY = ("Sure", ", I ", "can help. ", "What is ", "your name?")
+REPLY = ("Sure", ", I ", "can help. ", "What is ", "your name?")  # two sentences, streamed as LLM tokens
+OUT_RATE = 16000  # a telephony-style transport rate, so the service resamples
 
 
-async def agent_turn(tts: OrpheusTTSService, frames: list[Frame], rate: int = 16000) -> tuple[list[Frame], LLMContext]:
-    """Run `frames` through tts -> assistant context aggregator, as in an STT -> LLM -> TTS agent."""
+@pytest.fixture(scope="module")
+def agent_config(tiny_model_dir: Path) -> Config:
+    """The tiny model, reference backend, short sentences."""
+    return tiny_config(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def agent_synth(agent_config: Config) -> Synthesizer:
+    """The process-wide shared synthesizer (loaded once)."""
+    return load_synthesizer(agent_config)
+
+
+async def agent_turn(tts: OrpheusTTSService, frames: list[Frame]) -> tuple[list[Frame], list[Frame], LLMContext]:
+    """Run LLM frames through tts -> assistant context aggregator, the tail of an STT -> LLM -> TTS agent."""
     context = LLMContext()
     assistant = LLMContextAggregatorPair(context).assistant()
-    params = PipelineParams(audio_out_sample_rate=rate)
-    down, _ = await run_test(
-        Pipeline([tts, assistant]), frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S
+    down, up = await run_test(
+        Pipeline([tts, assistant]),
+        frames_to_send=frames,
+        pipeline_params=PipelineParams(audio_out_sample_rate=OUT_RATE),
+        start_timeout=START_TIMEOUT_S,
     )
-    return list(down), context
+    return list(down), list(up), context
 
 
 def assistant_text(context: LLMContext) -> str:
@@ -53,23 +71,29 @@ def assistant_text(context: LLMContext) -> str:
     return " ".join(m["content"] for m in context.get_messages() if m.get("role") == "assistant")
 
 
-async def test_local_agent_turn(config: Config, synth: Synthesizer) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_agent_turn(mode: str, agent_config: Config, agent_synth: Synthesizer) -> None:
     """A streamed LLM reply comes out as one spoken turn of 16 kHz audio, and the context holds the reply."""
-    down, context = await agent_turn(OrpheusTTSService(config=config), llm_reply(*REPLY))
+    async with orpheus_tts(mode, agent_config) as (tts, _):
+        down, up, context = await agent_turn(tts, llm_reply(*REPLY))
+    assert not of(up, ErrorFrame)
     assert index(down, TTSStartedFrame) < index(down, TTSAudioRawFrame) < index(down, TTSStoppedFrame)
-    assert all(f.sample_rate == 16000 and len(f.audio) % 2 == 0 for f in of(down, TTSAudioRawFrame))
-    seconds = samples(down) / 16000
-    assert 2 * fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE <= seconds <= 2 * MAX_TOKENS / fmt.TOKENS_PER_SECOND + 0.01
+    assert all(f.sample_rate == OUT_RATE and len(f.audio) % 2 == 0 for f in of(down, TTSAudioRawFrame))
+    seconds = samples(down) / OUT_RATE
+    frame_s = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE
+    assert 2 * frame_s - 0.01 <= seconds <= 2 * (MAX_TOKENS // fmt.FRAME_TOKENS) * frame_s + 0.01
     assert assistant_text(context) == "Sure, I can help. What is your name?"
-    await wait_idle(synth)
+    await wait_idle(agent_synth)
 
 
-async def test_local_agent_barge_in(config: Config, synth: Synthesizer) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_agent_barge_in(mode: str, tiny_model_dir: Path, agent_synth: Synthesizer) -> None:
     """A user barging in mid-reply silences the bot and keeps the unspoken reply out of the context."""
-    tts = OrpheusTTSService(config=config, settings=OrpheusTTSSettings(max_tokens=LONG_TOKENS))
+    config = tiny_config(tiny_model_dir, **{"sampling.max_tokens": LONG_TOKENS})
     frames = [*llm_reply(*REPLY), SleepFrame(2.0), InterruptionFrame(), SleepFrame(0.5)]
-    down, context = await agent_turn(tts, frames)
+    async with orpheus_tts(mode, config) as (tts, _):
+        down, _, context = await agent_turn(tts, frames)
     cut = index(down, InterruptionFrame)
     assert samples(down[:cut]) > 0 and not of(down[cut:], TTSAudioRawFrame)
     assert "your name" not in assistant_text(context)
-    await wait_idle(synth)
+    await wait_idle(agent_synth)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from pipecat.frames.frames import (
+    DataFrame,
     ErrorFrame,
     Frame,
     InterruptionFrame,
@@ -23,17 +26,25 @@ from pipecat.frames.frames import (
     TTSUpdateSettingsFrame,
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
+from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from pipecat_orpheus import format as fmt
+from pipecat_orpheus.client import OrpheusClient
 from pipecat_orpheus.config import Config, load_config
+from pipecat_orpheus.engine.request import SamplingParams
+from pipecat_orpheus.pcm import float_to_pcm16_bytes
+from pipecat_orpheus.server import OrpheusServer, serve
 from pipecat_orpheus.service import OrpheusTTSService, OrpheusTTSSettings
 from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
 
 MAX_TOKENS = 28  # 4 frames (341 ms) per sentence: enough to stream several chunks, quick on CPU
-LONG_TOKENS = 1400  # 200 frames: a sentence still generating when the interruption lands
+LONG_TOKENS = 1960  # 280 frames (24 s): still generating when the interruption lands, even on a fast CPU
 START_TIMEOUT_S = 60.0  # the first test of the session loads the tiny model inside StartFrame
+PROBE_S = 0.5  # a cancelled request must leave the engine this soon (it stops at its next token)
+MODES = ("local", "remote")
 
 
 def tiny_config(model_dir: Path, **overrides: object) -> Config:
@@ -46,6 +57,8 @@ def tiny_config(model_dir: Path, **overrides: object) -> Config:
             "model.device": "cpu",
             "sampling.max_tokens": MAX_TOKENS,
             "sampling.seed": 7,
+            "engine.max_slots": 1,  # one request at a time and no queue: a second one is refused (busy test)
+            "engine.max_queue": 0,
             **overrides,
         }
     )
@@ -59,16 +72,36 @@ def config(tiny_model_dir: Path) -> Config:
 
 @pytest.fixture(scope="module")
 def synth(config: Config) -> Synthesizer:
-    """The process-wide shared synthesizer the local service uses (loaded here once)."""
+    """The process-wide shared synthesizer both modes end up on (loaded here once)."""
     return load_synthesizer(config)
 
 
+@asynccontextmanager
+async def orpheus_server(config: Config, **kwargs: object) -> AsyncIterator[OrpheusServer]:
+    """Our server on a free loopback port, speaking from the shared synthesizer; open unless api_keys given."""
+    kwargs.setdefault("api_keys", [])
+    async with serve(config, load_synthesizer(config), host="127.0.0.1", port=0, **kwargs) as server:
+        yield server
+
+
+@asynccontextmanager
+async def orpheus_tts(
+    mode: str, config: Config, **kwargs: object
+) -> AsyncIterator[tuple[OrpheusTTSService, OrpheusServer | None]]:
+    """A service in `mode` (and its server); remote runs against a real server whose sampling is `config`'s."""
+    if mode == "local":
+        yield OrpheusTTSService(config=config, **kwargs), None
+        return
+    async with orpheus_server(config) as server:
+        yield OrpheusTTSService(config=config, url=server.url, **kwargs), server
+
+
 async def speak(
-    service: OrpheusTTSService, frames: Sequence[Frame], *, rate: int = fmt.SAMPLE_RATE, metrics: bool = False
+    processor: FrameProcessor, frames: Sequence[Frame], *, rate: int = fmt.SAMPLE_RATE, metrics: bool = False
 ) -> tuple[list[Frame], list[Frame]]:
-    """Run `frames` through the service in a pipeline whose output rate is `rate`."""
+    """Run `frames` through the processor in a pipeline whose output rate is `rate`."""
     params = PipelineParams(audio_out_sample_rate=rate, enable_metrics=metrics, enable_usage_metrics=metrics)
-    down, up = await run_test(service, frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S)
+    down, up = await run_test(processor, frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S)
     return list(down), list(up)
 
 
@@ -96,13 +129,23 @@ def assert_whole_frames(n: int, max_tokens: int = MAX_TOKENS) -> int:
     return frames
 
 
-async def wait_idle(synth: Synthesizer, timeout_s: float = 5.0) -> None:
-    """Wait until the engine holds no request (a cancel frees the slot at its next step)."""
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    """Whether `condition` becomes true within `timeout_s`."""
     for _ in range(int(timeout_s / 0.02)):
-        if synth.active_requests == 0 and synth.queued_requests == 0:
-            return
+        if condition():
+            return True
         await asyncio.sleep(0.02)
-    raise AssertionError(f"engine still busy: {synth.active_requests} active, {synth.queued_requests} queued")
+    return condition()
+
+
+def idle(synth: Synthesizer) -> bool:
+    """The engine holds no request."""
+    return synth.active_requests == 0 and synth.queued_requests == 0
+
+
+async def wait_idle(synth: Synthesizer) -> None:
+    """Wait until the engine holds no request (a cancel frees the slot at its next step)."""
+    assert await eventually(lambda: idle(synth)), f"engine busy: {synth.active_requests} active"
 
 
 def llm_reply(*tokens: str) -> list[Frame]:
@@ -110,100 +153,237 @@ def llm_reply(*tokens: str) -> list[Frame]:
     return [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in tokens), LLMFullResponseEndFrame()]
 
 
-# -- local mode --------------------------------------------------------------------------------
+@dataclass
+class Restart(DataFrame):
+    """Test marker: the server goes down and comes back here."""
 
 
-async def test_local_frame_order_and_audio(config: Config, synth: Synthesizer) -> None:
-    """One sentence gives Started, then whole SNAC frames of 24 kHz audio, word frames, then Stopped."""
-    down, up = await speak(OrpheusTTSService(config=config), [TTSSpeakFrame("Hello there, friend.")])
+class EngineProbe(FrameProcessor):
+    """Passes frames on; at an InterruptionFrame, notes whether the engine frees up while the pipeline still runs."""
+
+    def __init__(self, synth: Synthesizer, server: OrpheusServer | None = None):
+        super().__init__()
+        self.synth, self.server = synth, server
+        self.freed: bool | None = None
+        self.streams_open: int | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            self.freed = await eventually(lambda: idle(self.synth), timeout_s=PROBE_S)
+            self.streams_open = self.server.open_streams if self.server else None
+        await self.push_frame(frame, direction)
+
+
+# -- both modes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_frame_order_and_audio(mode: str, config: Config, synth: Synthesizer) -> None:
+    """One sentence gives Started, exactly the engine's (seeded) 24 kHz audio, its words, then Stopped."""
+    text = "Hello there, friend."
+    sampling = SamplingParams.from_config(config.sampling)
+    expected = float_to_pcm16_bytes(await synth.submit(text, sampling=sampling).read_all())
+    async with orpheus_tts(mode, config) as (tts, _):
+        down, up = await speak(tts, [TTSSpeakFrame(text)])
     assert not of(up, ErrorFrame)
     audio = of(down, TTSAudioRawFrame)
-    assert len(audio) >= 1 and all(f.sample_rate == fmt.SAMPLE_RATE and len(f.audio) % 2 == 0 for f in audio)
+    assert audio and all(f.sample_rate == fmt.SAMPLE_RATE and len(f.audio) % 2 == 0 for f in audio)
     assert index(down, TTSStartedFrame) < index(down, TTSAudioRawFrame)
     assert index(down, TTSAudioRawFrame, last=True) < index(down, TTSStoppedFrame)
     assert_whole_frames(samples(down))
+    assert b"".join(f.audio for f in audio) == expected, "audio lost, added or altered on the way"
     assert [f.text for f in of(down, TTSTextFrame)] == ["Hello", "there,", "friend."]
     assert index(down, TTSTextFrame, last=True) < index(down, TTSStoppedFrame)
     await wait_idle(synth)
 
 
-async def test_local_sentences_of_a_turn(config: Config, synth: Synthesizer) -> None:
-    """A streamed reply of three sentences is one Started/Stopped pair with cumulative word times."""
-    reply = llm_reply("Hi ", "there. ", "How are ", "you today? ", "Fine.")
-    down, _ = await speak(OrpheusTTSService(config=config), reply)
+@pytest.mark.parametrize("mode", MODES)
+async def test_sentences_of_a_turn(mode: str, config: Config, synth: Synthesizer) -> None:
+    """A streamed reply of three sentences is one Started/Stopped pair with word times cumulative over the turn."""
+    async with orpheus_tts(mode, config) as (tts, _):
+        down, _ = await speak(tts, llm_reply("Hi ", "there. ", "How are ", "you today? ", "Fine."))
     assert len(of(down, TTSStartedFrame)) == 1 and len(of(down, TTSStoppedFrame)) == 1
-    contexts = {f.context_id for f in of(down, TTSAudioRawFrame)}
-    assert len(contexts) == 1
+    assert len({f.context_id for f in of(down, TTSAudioRawFrame)}) == 1
     total = samples(down)
-    assert 3 <= total // fmt.SAMPLES_PER_FRAME <= 3 * (MAX_TOKENS // fmt.FRAME_TOKENS)
     assert total % fmt.SAMPLES_PER_FRAME == 0
+    assert 3 <= total // fmt.SAMPLES_PER_FRAME <= 3 * (MAX_TOKENS // fmt.FRAME_TOKENS)
     words = of(down, TTSTextFrame)
     assert [w.text for w in words] == ["Hi", "there.", "How", "are", "you", "today?", "Fine."]
     pts = [w.pts for w in words]
     assert pts == sorted(pts) and len(set(pts)) == len(pts), "word times restart within the turn"
-    spread_s = (pts[-1] - pts[0]) / 1e9
-    assert 0 < spread_s < total / fmt.SAMPLE_RATE
+    assert 0 < (pts[-1] - pts[0]) / 1e9 < total / fmt.SAMPLE_RATE
     await wait_idle(synth)
 
 
-async def test_local_interruption_stops_audio_and_frees_slot(config: Config, synth: Synthesizer) -> None:
-    """An interruption mid-sentence cancels the engine request and no audio of the turn follows it."""
-    service = OrpheusTTSService(config=config, settings=OrpheusTTSSettings(max_tokens=LONG_TOKENS))
+@pytest.mark.parametrize("mode", MODES)
+async def test_interruption_stops_audio_and_frees_engine(mode: str, tiny_model_dir: Path, synth: Synthesizer) -> None:
+    """An interruption mid-sentence frees the engine request at once; no audio or words of the turn follow it."""
+    config = tiny_config(tiny_model_dir, **{"sampling.max_tokens": LONG_TOKENS})
     frames = [TTSSpeakFrame("This sentence is long enough to be cut off."), SleepFrame(2.0), InterruptionFrame()]
-    down, _ = await speak(service, [*frames, SleepFrame(0.5)])
+    async with orpheus_tts(mode, config) as (tts, server):
+        probe = EngineProbe(synth, server)
+        down, _ = await speak(Pipeline([tts, probe]), [*frames, SleepFrame(PROBE_S + 0.3)])
     cut = index(down, InterruptionFrame)
     before = samples(down[:cut])
     assert 0 < before < LONG_TOKENS // fmt.FRAME_TOKENS * fmt.SAMPLES_PER_FRAME, "interrupted before or after speech"
     assert not of(down[cut:], TTSAudioRawFrame) and not of(down[cut:], TTSStoppedFrame)
-    assert not of(down, TTSTextFrame), "words of an unfinished sentence were committed"
+    assert not of(down, TTSTextFrame), "words of an unfinished sentence reached the context"
+    assert probe.freed, "the engine request outlived the interruption"
+    if mode == "remote":
+        assert probe.streams_open == 1, "freed by a disconnect, not by Cancel{id}"
     await wait_idle(synth)
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_metrics(mode: str, config: Config, synth: Synthesizer) -> None:
+    """TTFB and usage (characters) metrics are reported for a sentence."""
+    text = "Metrics, please."
+    async with orpheus_tts(mode, config) as (tts, _):
+        down, _ = await speak(tts, [TTSSpeakFrame(text)], metrics=True)
+    data = [d for f in of(down, MetricsFrame) for d in f.data]
+    ttfb = [d.value for d in data if isinstance(d, TTFBMetricsData) and d.value > 0]
+    assert ttfb and ttfb[0] < 30
+    assert [d.value for d in data if isinstance(d, TTSUsageMetricsData)] == [len(text)]
+    await wait_idle(synth)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_resamples_to_pipeline_rate(mode: str, config: Config, synth: Synthesizer) -> None:
+    """At a 16 kHz output rate every frame is 16 kHz, even-length, and as long as the same (seeded) 24 kHz audio."""
+    text = [TTSSpeakFrame("Sixteen kilohertz.")]
+    async with orpheus_tts(mode, config) as (tts_24k, _):
+        native, _ = await speak(tts_24k, text)
+    async with orpheus_tts(mode, config) as (tts_16k, _):
+        down, _ = await speak(tts_16k, text, rate=16000)
+    audio = of(down, TTSAudioRawFrame)
+    assert audio and all(f.sample_rate == 16000 and len(f.audio) % 2 == 0 for f in audio)
+    assert_whole_frames(samples(native))
+    assert abs(samples(down) - samples(native) * 16000 / fmt.SAMPLE_RATE) <= 2, (samples(down), samples(native))
+    await wait_idle(synth)
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
 async def test_local_settings_update(config: Config, synth: Synthesizer) -> None:
-    """A TTSUpdateSettingsFrame changes the next sentence's sampling; a bad value is refused with an error."""
-    service = OrpheusTTSService(config=config)
+    """A TTSUpdateSettingsFrame changes the next sentence's sampling and voice; a bad value is refused."""
+    tts = OrpheusTTSService(config=config)
     update = TTSUpdateSettingsFrame(delta=OrpheusTTSSettings(max_tokens=7, voice="leo"))
     bad = TTSUpdateSettingsFrame(delta=OrpheusTTSSettings(top_p=0.0))
-    frames = [TTSSpeakFrame("First one."), update, bad, TTSSpeakFrame("Second one.")]
-    down, up = await speak(service, frames)
+    down, up = await speak(tts, [TTSSpeakFrame("First one."), update, bad, TTSSpeakFrame("Second one.")])
     stops = [i for i, f in enumerate(down) if isinstance(f, TTSStoppedFrame)]
     assert len(stops) == 2
-    assert_whole_frames(samples(down[: stops[0]]))
+    assert assert_whole_frames(samples(down[: stops[0]])) > 1
     assert samples(down[stops[0] :]) == fmt.SAMPLES_PER_FRAME, "max_tokens=7 allows exactly one frame"
-    assert service._settings.voice == "leo" and service._settings.top_p == config.sampling.top_p
+    assert tts._settings.voice == "leo" and tts._settings.top_p == config.sampling.top_p
     errors = of(up, ErrorFrame)
     assert len(errors) == 1 and "top_p" in errors[0].error
     await wait_idle(synth)
 
 
-async def test_local_metrics(config: Config, synth: Synthesizer) -> None:
-    """TTFB and usage metrics are reported for a sentence."""
-    text = "Metrics, please."
-    down, _ = await speak(OrpheusTTSService(config=config), [TTSSpeakFrame(text)], metrics=True)
-    data = [d for f in of(down, MetricsFrame) for d in f.data]
-    ttfb = [d.value for d in data if isinstance(d, TTFBMetricsData) and d.value > 0]
-    usage = [d.value for d in data if isinstance(d, TTSUsageMetricsData)]
-    assert ttfb and 0 < ttfb[0] < 30
-    assert usage == [len(text)]
+async def test_remote_settings_update(config: Config, synth: Synthesizer) -> None:
+    """Remotely the voice follows updates (the server samples as configured); an unknown voice is refused."""
+    async with orpheus_tts("remote", config) as (tts, _):
+        update = TTSUpdateSettingsFrame(delta=OrpheusTTSSettings(voice="zoe", temperature=0.9))
+        bad = TTSUpdateSettingsFrame(delta=OrpheusTTSSettings(voice="nobody"))
+        down, up = await speak(tts, [update, bad, TTSSpeakFrame("Hello again.")])
+    assert tts._settings.voice == "zoe"
+    assert assert_whole_frames(samples(down)) >= 1
+    errors = of(up, ErrorFrame)
+    assert len(errors) == 1 and "nobody" in errors[0].error
     await wait_idle(synth)
 
 
-async def test_local_resamples_to_pipeline_rate(config: Config, synth: Synthesizer) -> None:
-    """At a 16 kHz output rate every frame is 16 kHz, even-length, and as long as the 24 kHz audio."""
-    down, _ = await speak(OrpheusTTSService(config=config), [TTSSpeakFrame("Sixteen kilohertz.")], rate=16000)
-    audio = of(down, TTSAudioRawFrame)
-    assert audio and all(f.sample_rate == 16000 and len(f.audio) % 2 == 0 for f in audio)
-    at_24k = samples(down) * fmt.SAMPLE_RATE / 16000
-    whole = round(at_24k / fmt.SAMPLES_PER_FRAME) * fmt.SAMPLES_PER_FRAME
-    assert whole >= fmt.SAMPLES_PER_FRAME and abs(at_24k - whole) <= 3, at_24k
-    await wait_idle(synth)
+# -- errors -------------------------------------------------------------------------------------
 
 
 async def test_local_bad_model_path_is_an_error_frame(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A model that cannot load becomes a permanent ErrorFrame naming the problem, and no audio."""
     config = tiny_config(tiny_model_dir, **{"model.llm": str(tmp_path / "missing")})
-    service = OrpheusTTSService(config=config, stop_frame_timeout_s=0.2)
-    down, up = await speak(service, [TTSSpeakFrame("Nothing to hear.")])
+    tts = OrpheusTTSService(config=config, stop_frame_timeout_s=0.2)
+    down, up = await speak(tts, [TTSSpeakFrame("Nothing to hear.")])
     errors = of(up, ErrorFrame)
     assert len(errors) == 1 and "could not load the Orpheus model" in errors[0].error
-    assert not of(down, TTSAudioRawFrame) and not service.is_usable
+    assert str(tmp_path / "missing") in errors[0].error
+    assert not of(down, TTSAudioRawFrame) and not tts.is_usable
+
+
+async def test_local_busy_engine_is_an_error_frame(tiny_model_dir: Path) -> None:
+    """An engine with no free slot and no queue refuses at once: an ErrorFrame, and the service stays usable."""
+    config = tiny_config(tiny_model_dir)
+    busy = load_synthesizer(config)  # one slot, no queue
+    blocker = busy.submit("I hold the only slot.", sampling=SamplingParams(max_tokens=LONG_TOKENS))
+    try:
+        tts = OrpheusTTSService(config=config, stop_frame_timeout_s=0.2)
+        down, up = await speak(tts, [TTSSpeakFrame("Let me in.")])
+    finally:
+        blocker.cancel()
+    errors = of(up, ErrorFrame)
+    assert any("at capacity" in e.error for e in errors), [e.error for e in errors]
+    assert not of(down, TTSAudioRawFrame) and tts.is_usable
+    await wait_idle(busy)
+
+
+async def test_remote_wrong_api_key_is_an_error_frame(config: Config) -> None:
+    """A server refusing the API key gives an authentication ErrorFrame, and the service stops trying."""
+    async with orpheus_server(config, api_keys=["the-right-key"]) as server:
+        tts = OrpheusTTSService(config=config, url=server.url, api_key="a-wrong-key", stop_frame_timeout_s=0.2)
+        down, up = await speak(tts, [TTSSpeakFrame("Am I allowed?")])
+    errors = of(up, ErrorFrame)
+    assert len(errors) == 1 and "refused the API key" in errors[0].error
+    assert not of(down, TTSAudioRawFrame) and not tts.is_usable
+
+
+async def test_remote_server_at_capacity_is_an_error_frame(tiny_model_dir: Path) -> None:
+    """A server at its connection limit gives a retryable 'at capacity' ErrorFrame."""
+    config = tiny_config(tiny_model_dir, **{"limits.max_connections": 1})
+    async with orpheus_server(config) as server, OrpheusClient(server.url):
+        client = OrpheusClient(server.url, max_retries=0)  # a client of our own: refused at once, no backoff
+        tts = OrpheusTTSService(config=config, client=client, stop_frame_timeout_s=0.2)
+        down, up = await speak(tts, [TTSSpeakFrame("Any room?")])
+    errors = of(up, ErrorFrame)
+    assert any("at capacity" in e.error for e in errors), [e.error for e in errors]
+    assert not of(down, TTSAudioRawFrame) and tts.is_usable
+
+
+async def test_remote_reconnects_after_drop_between_turns(config: Config, synth: Synthesizer) -> None:
+    """When the server drops the connection between turns, the next turn reconnects and speaks, with no error."""
+    spoke = asyncio.Event()  # turn one's TTSStoppedFrame came out
+    servers: list[OrpheusServer] = []
+
+    class Restarter(FrameProcessor):
+        """Upstream of the service: at `Restart`, once turn one is over, restarts the server on its port."""
+
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if not isinstance(frame, Restart):
+                await self.push_frame(frame, direction)
+                return
+            await spoke.wait()
+            await servers[0].shutdown(grace_s=0)  # closes the service's connection (1001)
+            servers.append(OrpheusServer(config, synth, host="127.0.0.1", port=servers[0].port, api_keys=[]))
+            await servers[-1].start()
+
+    class StopWatch(FrameProcessor):
+        """Downstream of the service: notes the end of turn one."""
+
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TTSStoppedFrame):
+                spoke.set()
+            await self.push_frame(frame, direction)
+
+    async with orpheus_server(config) as first:
+        servers.append(first)
+        tts = OrpheusTTSService(config=config, url=first.url)
+        try:
+            frames = [TTSSpeakFrame("Turn one."), Restart(), TTSSpeakFrame("Turn two.")]
+            down, up = await speak(Pipeline([Restarter(), tts, StopWatch()]), frames)
+        finally:
+            for server in servers[1:]:
+                await server.shutdown(grace_s=0)
+    assert not of(up, ErrorFrame)
+    stops = [i for i, f in enumerate(down) if isinstance(f, TTSStoppedFrame)]
+    assert len(stops) == 2 and samples(down[: stops[0]]) > 0 and samples(down[stops[0] :]) > 0
+    await wait_idle(synth)

@@ -85,7 +85,11 @@ def test_word_timings_proportional_and_monotonic():
     assert word_timings("<sigh>", 0.0, 1.0) == []
 
 
-@given(st.lists(st.sampled_from(["a", "bb", "ccc!", "<laugh>", "3.5"]), max_size=30), st.floats(0, 100), st.floats(0.01, 60))
+@given(
+    st.lists(st.sampled_from(["a", "bb", "ccc!", "<laugh>", "3.5"]), max_size=30),
+    st.floats(0, 100),
+    st.floats(0.01, 60),
+)
 def test_word_timings_cover_duration(tokens, start, duration):
     """Timings are contiguous, non-decreasing, start at start_s and end at start_s + duration_s."""
     text = " ".join(tokens)
@@ -94,5 +98,5 @@ def test_word_timings_cover_duration(tokens, start, duration):
     assert words(text) == [t for t in tokens if t not in EMOTION_TAGS]
     if timings:
         assert timings[0][1] == start and abs(timings[-1][2] - (start + duration)) < 1e-6
-        for (_, a0, a1), (_, b0, _) in zip(timings, timings[1:]):
+        for (_, a0, a1), (_, b0, _) in zip(timings, timings[1:], strict=False):
             assert a0 <= a1 == b0

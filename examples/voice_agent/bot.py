@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +227,18 @@ async def bot(runner_args: RunnerArguments) -> None:
     await run_bot(transport, options, runner_args)
 
 
+def preload_local_tts(options: AgentOptions) -> None:
+    """Load Orpheus before the runner starts, so the first caller does not wait for the model.
+
+    The service finds this same engine at session start: it is cached per process by its config.
+    """
+    if options.tts == "local":
+        from pipecat_orpheus.synthesizer import load_synthesizer
+
+        logger.info("Loading Orpheus (local mode) before accepting sessions...")
+        load_synthesizer(load_config(options.orpheus_config))
+
+
 if __name__ == "__main__":
     from dotenv import load_dotenv
     from pipecat.runner.run import main
@@ -233,4 +246,6 @@ if __name__ == "__main__":
     load_dotenv(override=True)
     cli = argparse.ArgumentParser(description="Orpheus voice agent (Pipecat development runner)")
     add_arguments(cli)
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        preload_local_tts(options_from_args(cli.parse_known_args()[0]))
     main(cli)

@@ -1,7 +1,8 @@
 """Attention over the static slotted KV cache, reading only each slot's live length.
 
 Cache layout: (slots + 1, kv_heads, max_len, head_dim) per layer; the batch index is the slot,
-and the last slot is a dummy that padding rows of a CUDA-graph bucket write to.
+and the last slot is a dummy that padding rows of a CUDA-graph bucket write to. The cache may be
+float8 (e4m3, unscaled): it is upcast to the query dtype as it is read.
 
 Decode uses a Triton split-K kernel (one program per row, KV head and split of the live length,
 then a log-sum-exp merge of the splits), so a step costs the bytes of the live KV, not of the
@@ -44,6 +45,13 @@ def num_splits(batch: int, kv_heads: int) -> int:
     return min(_MAX_SPLITS, 1 << (want - 1).bit_length())
 
 
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """cache[slots, :, :length] as `dtype`; a float8 cache is gathered through a byte view, then upcast."""
+    if cache.dtype.itemsize == 1 and cache.dtype != torch.uint8:
+        return cache.view(torch.uint8)[slots, :, :length].view(cache.dtype).to(dtype)
+    return cache[slots, :, :length].to(dtype)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -58,17 +66,20 @@ def decode_attention(
 
     Args:
         q: (B, H, D) queries (rope applied).
-        k_cache, v_cache: (S + 1, KVH, L, D) one layer's cache.
-        slots: (B,) int64 slot of each row; lens: (B,) int64 live length of each row (>= 1).
+        k_cache: (S + 1, KVH, L, D) one layer's keys.
+        v_cache: (S + 1, KVH, L, D) one layer's values.
+        slots: (B,) int64 slot of each row.
+        lens: (B,) int64 live length of each row (>= 1).
         max_len: an upper bound of `lens` known on the host (the SDPA fallback crops to it).
         use_triton: run the split-K kernel (CUDA, or the Triton interpreter in tests).
+
     Returns:
         (B, H, D) attention output in q's dtype.
     """
     if use_triton:
         return _triton_decode(q, k_cache, v_cache, slots, lens)
-    keys = k_cache[slots, :, :max_len]  # (B, KVH, max_len, D)
-    values = v_cache[slots, :, :max_len]  # (B, KVH, max_len, D)
+    keys = gather_kv(k_cache, slots, max_len, q.dtype)  # (B, KVH, max_len, D)
+    values = gather_kv(v_cache, slots, max_len, q.dtype)  # (B, KVH, max_len, D)
     live = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # (B, max_len)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], keys, values, attn_mask=live[:, None, None, :], enable_gqa=True
@@ -77,20 +88,29 @@ def decode_attention(
 
 
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    max_end: int,
 ) -> torch.Tensor:
     """Causal attention of prompt chunks against their slots' cache (chunk keys already written).
 
     Args:
         q: (N, H, T, D) queries of N chunks padded to T tokens.
-        slots: (N,) slot of each chunk; positions: (N, T) position of each query (padding: -1).
+        k_cache: (S + 1, KVH, L, D) one layer's keys.
+        v_cache: (S + 1, KVH, L, D) one layer's values.
+        slots: (N,) slot of each chunk.
+        positions: (N, T) position of each query (padding: -1).
+        max_end: 1 + the largest position (known on the host: no device sync).
+
     Returns:
         (N, H, T, D).
     """
-    span = k_cache.shape[2]
-    end = int(positions.max()) + 1  # eager path: the host-side bound costs one small sync
-    keys = k_cache[slots, :, : min(end, span)]  # (N, KVH, end, D)
-    values = v_cache[slots, :, : min(end, span)]  # (N, KVH, end, D)
+    keys = gather_kv(k_cache, slots, max_end, q.dtype)  # (N, KVH, end, D)
+    values = gather_kv(v_cache, slots, max_end, q.dtype)  # (N, KVH, end, D)
     key_pos = torch.arange(keys.shape[2], device=q.device)  # (end,)
     visible = key_pos[None, None, :] <= positions[:, :, None]  # (N, T, end) causal over the whole slot
     visible[:, :, 0] = True  # padding queries (position -1) see one key instead of none (no NaN)
@@ -156,15 +176,15 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + offs_n
             n_ok = n < end
-            k = tl.load(k_base + n[:, None] * stride_kl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            k = tl.load(k_base + n[:, None] * stride_kl + offs_d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
             qk = tl.dot(q, tl.trans(k)) * sm_scale  # (BLOCK_H, BLOCK_N)
             qk = tl.where(n_ok[None, :], qk, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            v = tl.load(v_base + n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
             m_i = m_new
 
         has = l_i > 0

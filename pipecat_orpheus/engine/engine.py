@@ -111,7 +111,7 @@ class OrpheusEngine:
 
     def _submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams, stream) -> AudioStream:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        request = Request(stream.request_id, prompts, sampling, seed, stream=stream)
+        request = Request(stream.request_id, prompts, sampling, seed, stream=stream, arrival_s=time.perf_counter())
         with self._cond:
             if self._closed:
                 raise RuntimeError("OrpheusEngine is closed")
@@ -193,9 +193,13 @@ class OrpheusEngine:
                         self._drop(r.request_id, notify=False)
                         r.stream.finish(e)
                 continue
+            now = time.perf_counter()
+            for chunk in step.prefill:
+                if chunk.last and chunk.request.first_token_s is None:
+                    chunk.request.first_token_s = now
             with self._cond:
                 out = self.scheduler.postprocess(step, decoded.tolist(), first.tolist())
-                self._emit(out)
+                self._emit(out, now)
             self.stats.steps += 1
             self.stats.decode_tokens += len(step.decode) + len(first)
             self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
@@ -216,9 +220,11 @@ class OrpheusEngine:
         if request is not None and notify:
             request.stream.finish(RequestCancelled(request_id))
 
-    def _emit(self, out: StepOutput) -> None:
+    def _emit(self, out: StepOutput, now: float) -> None:
         """Completed frames to each request's codec stream; finished requests flush their tail."""
         for request, ids in out.frames:
+            if request.first_frame_s is None:
+                request.first_frame_s = now
             codec_stream = self._codec_streams.get(request.request_id)
             if codec_stream is not None:
                 windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
@@ -232,4 +238,3 @@ class OrpheusEngine:
 
     def __repr__(self) -> str:
         return f"OrpheusEngine(active={self.active_requests}, queued={self.queued_requests})"
-

@@ -31,6 +31,14 @@ class LayerWeights:
     down: torch.Tensor  # (H, F)
 
 
+def store_kv(cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[slots, :, positions] = values (tokens, KVH, D); a float8 cache is written through a byte view."""
+    if cache.dtype == values.dtype:
+        cache[slots, :, positions] = values
+    else:  # index_put has no float8 kernel on every build: move the bytes instead
+        cache.view(torch.uint8)[slots, :, positions] = values.to(cache.dtype).view(torch.uint8)
+
+
 def _fuse(linears: list[torch.nn.Linear]) -> torch.Tensor:
     """Concatenate nn.Linear weights along out_features and re-point each module at its view."""
     fused = torch.cat([m.weight.detach() for m in linears], dim=0)  # (sum out, in)
@@ -136,19 +144,38 @@ class OrpheusLM:
         """One token per row: (B,) ids at (B,) positions of (B,) slots -> (B, N_HEAD_ROWS) logits.
 
         Writes each row's K/V at its position, then attends over positions 0..position.
-        k_cache, v_cache: (layers, S + 1, KVH, L, D).
+        k_cache, v_cache: (layers, S + 1, KVH, L, D). With `use_triton` the fused kernels run.
         """
         lens = positions + 1  # (B,) live length after this token's K/V is written
+        if use_triton:
+            return self._decode_fused(input_ids, positions, lens, slots, k_cache, v_cache)
         h = F.embedding(input_ids, self.embed)  # (B, H)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(h, layer.input_norm), layer, positions)
             kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
-            kc[slots, :, positions] = k  # (B, KVH, D)
-            vc[slots, :, positions] = v
+            store_kv(kc, slots, positions, k)  # (B, KVH, D)
+            store_kv(vc, slots, positions, v)
             o = decode_attention(q, kc, vc, slots, lens, max_len=max_len, use_triton=use_triton)  # (B, NH, D)
             h = h + F.linear(o.reshape(o.shape[0], -1), layer.o)  # (B, H)
             h = h + self._mlp(self._norm(h, layer.post_norm), layer)  # (B, H)
         return self.logits(h)
+
+    def _decode_fused(self, input_ids, positions, lens, slots, k_cache, v_cache) -> torch.Tensor:
+        """`decode` with Triton kernels: 10 launches per layer (4 of them matmuls)."""
+        from . import kernels  # needs Triton
+
+        b = input_ids.shape[0]
+        h, x = kernels.add_rms_norm(F.embedding(input_ids, self.embed), None, self.layers[0].input_norm, self.eps)
+        for i, layer in enumerate(self.layers):
+            kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
+            qkv = F.linear(x, layer.qkv)  # (B, (NH + 2 KVH) * D)
+            q = kernels.rope_and_cache(qkv, self.cos, self.sin, positions, slots, kc, vc, self.num_heads)  # (B, NH, D)
+            o = decode_attention(q, kc, vc, slots, lens, max_len=0, use_triton=True)  # (B, NH, D)
+            h, x = kernels.add_rms_norm(F.linear(o.reshape(b, -1), layer.o), h, layer.post_norm, self.eps)
+            mlp = F.linear(kernels.silu_mul(F.linear(x, layer.gate_up)), layer.down)  # (B, H)
+            nxt = self.layers[i + 1].input_norm if i + 1 < self.num_layers else self.final_norm
+            h, x = kernels.add_rms_norm(mlp, h, nxt, self.eps)  # (B, H) residual stream and its next norm
+        return F.linear(x, self.head).float()  # (B, head rows)
 
     def prefill(
         self,
@@ -159,11 +186,12 @@ class OrpheusLM:
         v_cache: torch.Tensor,
         *,
         dummy_slot: int,
+        max_end: int,
     ) -> torch.Tensor:
         """Prompt chunks: (N, T) ids at (N, T) positions (padding: -1) of (N,) slots -> (N, T, H) hidden.
 
         Each chunk's K/V is written to its slot first, so it attends to earlier chunks too.
-        Padding tokens write to `dummy_slot`.
+        Padding tokens write to `dummy_slot`; `max_end` bounds positions + 1 (known on the host, no sync).
         """
         n, t = input_ids.shape
         valid = positions >= 0  # (N, T)
@@ -173,10 +201,10 @@ class OrpheusLM:
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(h, layer.input_norm), layer, flat_pos)
             kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
-            kc[flat_slot, :, flat_pos] = k  # (N*T, KVH, D)
-            vc[flat_slot, :, flat_pos] = v
+            store_kv(kc, flat_slot, flat_pos, k)  # (N*T, KVH, D)
+            store_kv(vc, flat_slot, flat_pos, v)
             q = q.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, NH, T, D)
-            o = prefill_attention(q, kc, vc, slots, positions)  # (N, NH, T, D)
+            o = prefill_attention(q, kc, vc, slots, positions, max_end=max_end)  # (N, NH, T, D)
             o = o.transpose(1, 2).reshape(n * t, self.q_size)  # (N*T, NH*D)
             h = h + F.linear(o, layer.o)  # (N*T, H)
             h = h + self._mlp(self._norm(h, layer.post_norm), layer)  # (N*T, H)

@@ -83,6 +83,9 @@ class Request:
     num_generated_total: int = 0  # audio tokens generated over every piece (the noise counter)
     max_new_tokens: int = 0  # this piece's cap, whole frames, set by the scheduler on joining a slot
     output_ids: list[list[int]] = field(default_factory=list)  # generated ids per piece (incl. END_OF_SPEECH)
+    arrival_s: float = 0.0  # time.perf_counter() at submit; the two below stay None until they happen
+    first_token_s: float | None = None  # first audio token sampled
+    first_frame_s: float | None = None  # first 7-token frame handed to the codec
 
     @property
     def prompt(self) -> list[int]:

@@ -38,6 +38,18 @@ def graph_ladder(max_batch: int) -> list[int]:
     return sorted(set(s for s in sizes if s < max_batch) | {max_batch})
 
 
+def check_kv_fits(need: int, free: int, config: EngineConfig) -> None:
+    """Raise `ModelLoadError` naming the keys to change if `need` bytes of cache do not fit in `free`."""
+    allowed = int(free * config.gpu_memory_fraction) - _ACTIVATION_RESERVE
+    if need > allowed:
+        raise ModelLoadError(
+            f"the KV cache needs {need / 2**30:.1f} GiB but only {max(allowed, 0) / 2**30:.1f} GiB of GPU memory is "
+            f"available ({free / 2**30:.1f} GiB free x engine.gpu_memory_fraction {config.gpu_memory_fraction}, minus "
+            f"{_ACTIVATION_RESERVE / 2**30:.0f} GiB for activations): lower engine.max_slots ({config.max_slots}) or "
+            f"engine.max_tokens_per_slot ({config.max_tokens_per_slot}), or raise engine.gpu_memory_fraction"
+        )
+
+
 class ModelRunner:
     """Owns the GPU state of one engine and runs decode/prefill steps on it.
 
@@ -56,6 +68,7 @@ class ModelRunner:
         self.dummy_slot = config.max_slots  # padding rows of a graph bucket write here
         self.use_graphs = self.device.type == "cuda" and config.cuda_graphs and not enforce_eager
         self.use_triton = triton_available(self.device)
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else lm.dtype
         self._allocate()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
@@ -65,26 +78,17 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         """Bytes of the K and V caches for every slot (plus the dummy) and layer."""
         lm = self.lm
-        per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * lm.dtype.itemsize
+        per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * self.kv_dtype.itemsize
         return per_token * (self.max_slots + 1) * self.max_len
 
     def _allocate(self) -> None:
         lm, s = self.lm, self.max_slots + 1
         need = self.kv_cache_bytes() + s * N_HEAD_ROWS
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            allowed = int(free * self.config.gpu_memory_fraction) - _ACTIVATION_RESERVE
-            if need > allowed:
-                raise ModelLoadError(
-                    f"the KV cache needs {need / 2**30:.1f} GiB but only {max(allowed, 0) / 2**30:.1f} GiB of GPU "
-                    f"memory is available ({free / 2**30:.1f} GiB free x engine.gpu_memory_fraction "
-                    f"{self.config.gpu_memory_fraction}, minus {_ACTIVATION_RESERVE / 2**30:.0f} GiB for activations): "
-                    f"lower engine.max_slots ({self.max_slots}) or engine.max_tokens_per_slot ({self.max_len}), "
-                    "or raise engine.gpu_memory_fraction"
-                )
+            check_kv_fits(need, torch.cuda.mem_get_info(self.device)[0], self.config)
         shape = (lm.num_layers, s, lm.num_kv_heads, self.max_len, lm.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=lm.dtype, device=self.device)  # (layers, S + 1, KVH, L, D)
-        self.v_cache = torch.zeros(shape, dtype=lm.dtype, device=self.device)  # (layers, S + 1, KVH, L, D)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # (layers, S + 1, KVH, L, D)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # (layers, S + 1, KVH, L, D)
         logger.info(f"{self}: KV cache {2 * self.k_cache.nbytes / 2**30:.2f} GiB for {self.max_slots} slots")
         # per-slot sampling state, set when a piece starts; read by index inside the graphs
         self.temperature = torch.zeros(s, dtype=torch.float32, device=self.device)  # (S + 1,)
@@ -93,6 +97,7 @@ class ModelRunner:
         self.noise_key = torch.zeros(s, dtype=torch.int64, device=self.device)  # (S + 1,)
         self.min_tokens = torch.zeros(s, dtype=torch.int64, device=self.device)  # (S + 1,)
         self.presence = torch.zeros(s, N_HEAD_ROWS, dtype=torch.bool, device=self.device)  # (S + 1, head rows)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)  # ()
         # step I/O: one pinned block in, the sampled tokens out
         pin = self.device.type == "cuda"
         self._host_in = torch.zeros(_IN_ROWS, s, dtype=torch.int64, pin_memory=pin)  # (5, S + 1)
@@ -166,7 +171,7 @@ class ModelRunner:
             tokens, positions, slots, self.k_cache, self.v_cache, max_len=max_len, use_triton=self.use_triton
         )  # (bs, head rows)
         out = sample(logits, self.presence[slots], self._rows(slots, num_generated, noise_step))
-        self.presence[slots, out.head_rows] = True
+        self.presence.index_put_((slots, out.head_rows), self._true)  # a device scalar: graph-safe
         self._dev_out[:bs] = out.token_ids
 
     def _prefill(self, chunks: list[PrefillChunk], *, offset: int) -> int:
@@ -188,6 +193,7 @@ class ModelRunner:
             self.k_cache,
             self.v_cache,
             dummy_slot=self.dummy_slot,
+            max_end=max(c.end for c in chunks),
         )  # (N, T, H)
         last = [i for i, c in enumerate(chunks) if c.last]
         if not last:
@@ -199,7 +205,7 @@ class ModelRunner:
         zeros = torch.zeros_like(first)  # (M,) the first token of a piece
         noise_step = torch.tensor([chunks[i].request.num_generated_total for i in last], device=self.device)  # (M,)
         out = sample(logits, self.presence[first], self._rows(first, zeros, noise_step))
-        self.presence[first, out.head_rows] = True
+        self.presence.index_put_((first, out.head_rows), self._true)
         self._dev_out[offset : offset + len(last)] = out.token_ids
         return len(last)
 

@@ -81,14 +81,14 @@ def gumbel_noise(noise_key: torch.Tensor, noise_step: torch.Tensor, width: int) 
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor with a per-row penalty over `seen` tokens."""
+    """Transformers' RepetitionPenaltyLogitsProcessor with a per-row penalty over `seen` tokens."""
     p = penalty[:, None]  # (B, 1)
     penalized = torch.where(scores < 0, scores * p, scores / p)  # (B, W)
     return torch.where(seen, penalized, scores)
 
 
 def apply_top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """transformers' TopPLogitsWarper with a per-row top_p: the nucleus kept, the rest -inf."""
+    """Transformers' TopPLogitsWarper with a per-row top_p: the nucleus kept, the rest -inf."""
     sorted_scores, order = torch.sort(scores, descending=False, dim=-1)  # (B, W) ascending
     cum_probs = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # (B, W)
     remove = cum_probs <= (1 - top_p[:, None])  # (B, W)

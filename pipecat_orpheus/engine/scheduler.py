@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pipecat_orpheus.errors import ConfigError, EngineBusy
 from pipecat_orpheus.format import END_OF_SPEECH, FRAME_TOKENS

@@ -1,0 +1,187 @@
+"""One WebSocket stream of the server: the tasks that join a socket, a `Session` and the speech source.
+
+The stream is an `asyncio.TaskGroup` of a `recv` task (frames -> session), a `send` task
+(session outbox -> frames) and one `synth` task per piece being spoken (speech source ->
+session). The tasks meet only in the session, whose outbox is bounded by
+`limits.max_unsent_audio_s`; the send task sleeps on an event, never polls. Whatever ends the
+stream, its `finally` cancels its engine requests, which frees their slots at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from loguru import logger
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from pipecat_orpheus import metrics
+from pipecat_orpheus import protocol as p
+from pipecat_orpheus.engine.request import SamplingParams
+from pipecat_orpheus.errors import EngineBusy, ProtocolError
+from pipecat_orpheus.format import SAMPLE_RATE
+from pipecat_orpheus.session import POLICY_VIOLATION, Abort, Close, Session, Start, Stop
+from pipecat_orpheus.synthesizer import AudioStream, Synthesizer
+
+
+class _Closed(Exception):
+    """Raised by a task when the stream is over, so the TaskGroup cancels the others."""
+
+
+class Connection:
+    """The tasks of one WebSocket stream around its `Session`; `run()` returns when the stream is over."""
+
+    def __init__(
+        self,
+        n: int,
+        ws: ServerConnection,
+        session: Session,
+        synthesizer: Synthesizer,
+        *,
+        sampling: SamplingParams,
+        pcm16: bool,
+        close_timeout_s: float,
+        send_timeout_s: float,
+    ):
+        """Wire up stream number `n`.
+
+        Args:
+            n: the server's number for this stream (task names and logs).
+            ws: the accepted WebSocket.
+            session: the stream's protocol state.
+            synthesizer: the shared speech source.
+            sampling: sampling for every piece of this stream.
+            pcm16: send `Audio.pcm` as int16 bytes (`Pcm16MessagePack`) instead of float32.
+            close_timeout_s: a closing handshake may take this long before the socket is dropped.
+            send_timeout_s: one message may take this long to go out before the peer is dropped.
+        """
+        self.n, self.ws, self.session, self.synthesizer = n, ws, session, synthesizer
+        self.sampling, self.pcm16 = sampling, pcm16
+        self.close_timeout_s, self.send_timeout_s = close_timeout_s, send_timeout_s
+        self.idle = asyncio.Event()  # set while the session has no work: shutdown may close it
+        self._wake = asyncio.Event()  # the outbox has something for the send task
+        self._audio: dict[int, AudioStream] = {}
+        self._tg: asyncio.TaskGroup | None = None
+
+    async def run(self) -> None:
+        """Serve the stream until it closes; its engine requests are cancelled on the way out."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.session.start()
+                self._apply()
+                tg.create_task(self._recv(), name=f"recv-{self.n}")
+                tg.create_task(self._send(), name=f"send-{self.n}")
+        except* _Closed:
+            pass
+        finally:
+            for audio in self._audio.values():  # a disconnect frees the engine slots now
+                audio.cancel()
+            self._audio.clear()
+            self.idle.set()  # nothing left for a shutdown to wait for
+
+    async def _recv(self) -> None:
+        try:
+            async for data in self.ws:
+                try:
+                    message = p.decode_client(data)
+                except ProtocolError as e:
+                    self.session.error(e)
+                else:
+                    self.session.receive(message)
+                self._apply()
+        except ConnectionClosed:
+            pass
+        raise _Closed
+
+    async def _send(self) -> None:
+        try:
+            while True:
+                item = self.session.pop()
+                if item is None:
+                    self._update_idle()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if isinstance(item, Close):
+                    await self._abort(item.code, item.reason)
+                if isinstance(item, p.Error):
+                    metrics.ERRORS_TOTAL.labels(item.code or "internal").inc()
+                try:
+                    # A peer that takes no data for this long is as good as silent (pings queue behind).
+                    async with asyncio.timeout(self.send_timeout_s):
+                        await self.ws.send(p.encode(item, pcm16=self.pcm16))
+                except TimeoutError:
+                    logger.warning(f"stream {self.n}: the client took nothing for {self.send_timeout_s} s; dropping it")
+                    await self._abort(POLICY_VIOLATION, "client is not reading")
+        except ConnectionClosed:
+            raise _Closed from None
+
+    async def _synth(self, key: int, audio: AudioStream) -> None:
+        loop = asyncio.get_running_loop()
+        started = last = loop.time()
+        samples, error = 0, None
+        metrics.STREAMS.inc()
+        try:
+            async for chunk in audio:
+                now = loop.time()
+                (metrics.CHUNK_GAP if samples else metrics.TIME_TO_FIRST_AUDIO).observe(
+                    now - (last if samples else started)
+                )
+                last, samples = now, samples + len(chunk)
+                self.session.audio(key, chunk)
+                self._apply()
+        except Exception as e:  # an engine failure on this request ends this piece only
+            error = e
+        finally:
+            audio.cancel()  # no-op once finished; on teardown (disconnect) it frees the slot
+            metrics.STREAMS.dec()
+            metrics.AUDIO_SECONDS_TOTAL.inc(samples / SAMPLE_RATE)
+            if self._audio.get(key) is audio:
+                del self._audio[key]
+        if audio.cancelled:
+            metrics.PIECES_TOTAL.labels("cancelled").inc()
+            return
+        metrics.PIECES_TOTAL.labels("done" if error is None else "error").inc()
+        metrics.PIECE_AUDIO.observe(samples / SAMPLE_RATE)
+        self.session.finished(key, error)
+        self._apply()
+
+    def _apply(self) -> None:
+        """Carry out what the session asked for, then wake the send task if there is output."""
+        while actions := self.session.take_actions():
+            for action in actions:
+                if isinstance(action, Start):
+                    piece = action.piece
+                    try:
+                        audio = self.synthesizer.submit(piece.text, voice=piece.voice, sampling=self.sampling)
+                    except Exception as e:  # EngineBusy, or a failure of this request only
+                        metrics.PIECES_TOTAL.labels("busy" if isinstance(e, EngineBusy) else "error").inc()
+                        self.session.finished(piece.key, e)
+                        continue
+                    self._audio[piece.key] = audio
+                    self._tg.create_task(self._synth(piece.key, audio), name=f"synth-{self.n}-{piece.key}")
+                elif isinstance(action, Stop):
+                    audio = self._audio.pop(action.key, None)
+                    if audio is not None:
+                        audio.cancel()
+                elif isinstance(action, Abort):
+                    self._tg.create_task(self._abort(action.code, action.reason), name=f"abort-{self.n}")
+        if self.session.outbox:
+            self._wake.set()
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self.session.idle:
+            self.idle.set()
+        else:
+            self.idle.clear()
+
+    async def _abort(self, code: int, reason: str) -> None:
+        """Close within close_timeout_s, even if the client stopped reading and the close frame can't drain."""
+        try:
+            async with asyncio.timeout(self.close_timeout_s):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
+        raise _Closed

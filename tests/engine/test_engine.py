@@ -1,0 +1,98 @@
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.config import load_config
+from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
+from pipecat_orpheus.errors import EngineBusy, RequestCancelled
+from pipecat_orpheus.loader import load_llm, load_snac
+from pipecat_orpheus.reference import ReferenceSynthesizer
+
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=5)
+LONG_TEXT = "First sentence is here. " * 3 + "And the second piece follows it."  # two pieces at 60 chars
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    llm, tokenizer = load_llm(str(tiny_model_dir / "llm"), dtype=torch.float32, device="cpu")
+    snac = load_snac(str(tiny_model_dir / "snac"), device="cpu")
+    return llm, tokenizer, snac
+
+
+def make_config(tiny_model_dir, **overrides):
+    values = {
+        "model.llm": str(tiny_model_dir / "llm"),
+        "model.codec": str(tiny_model_dir / "snac"),
+        "model.device": "cpu",
+        "engine.max_slots": 3,
+        "engine.max_tokens_per_slot": 160,
+        "engine.prefill_chunk_tokens": 16,
+        "engine.max_chars_per_piece": 60,
+        "sampling.max_tokens": 35,
+    }
+    values.update(overrides)
+    return load_config(overrides=values)
+
+
+def make_engine(parts, config) -> OrpheusEngine:
+    llm, tokenizer, snac = parts
+    return OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config)
+
+
+async def test_greedy_audio_matches_reference_with_staggered_joins(parts, tiny_model_dir):
+    """Greedy requests joining a running batch at different times give the reference path's audio, multi-piece too."""
+    config = make_config(tiny_model_dir)
+    llm, tokenizer, snac = parts
+    texts = ["hello there", LONG_TEXT, "hi"]
+    reference = ReferenceSynthesizer(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config)
+    try:
+        expected = [await reference.submit(t, sampling=GREEDY).read_all() for t in texts]
+    finally:
+        reference.close()
+    engine = make_engine(parts, config)
+    try:
+        first = engine.submit(texts[0], sampling=GREEDY)
+        chunk = await first.__anext__()  # the batch is running when the others join
+        rest = [engine.submit(t, sampling=GREEDY) for t in texts[1:]]
+        got = [np.concatenate([chunk, await first.read_all()])] + list(
+            await asyncio.gather(*(s.read_all() for s in rest))
+        )
+    finally:
+        engine.close()
+    assert len(expected[1]) > len(expected[0])  # both pieces were spoken
+    for g, e in zip(got, expected, strict=False):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, atol=1e-4)
+
+
+async def test_full_engine_raises_busy_and_cancel_frees_slot(parts, tiny_model_dir):
+    """With every slot and queue place taken submit fails fast; cancelling a live stream lets a waiting one run."""
+    engine = make_engine(parts, make_config(tiny_model_dir, **{"engine.max_slots": 1, "engine.max_queue": 1}))
+    try:
+        live = engine.submit("one", sampling=GREEDY)
+        waiting = engine.submit("two", sampling=GREEDY)
+        with pytest.raises(EngineBusy):
+            engine.submit("three", sampling=GREEDY)
+        assert (engine.active_requests, engine.queued_requests) == (1, 1)
+        live.cancel()
+        audio = await asyncio.wait_for(waiting.read_all(), timeout=60)
+        assert len(audio) > 0 and engine.active_requests == 0 and engine.queued_requests == 0
+    finally:
+        engine.close()
+
+
+async def test_explicit_cancel_and_close_end_streams_with_request_cancelled(parts, tiny_model_dir):
+    """`cancel(request_id)` and `close()` end in-flight streams with RequestCancelled."""
+    engine = make_engine(parts, make_config(tiny_model_dir, **{"sampling.max_tokens": 140}))
+    a = engine.submit("one")
+    b = engine.submit("two")
+    engine.cancel(a.request_id)
+    with pytest.raises(RequestCancelled):
+        await asyncio.wait_for(a.read_all(), timeout=60)
+    engine.close()
+    with pytest.raises(RequestCancelled):
+        await asyncio.wait_for(b.read_all(), timeout=60)
+    assert engine.active_requests == 0
