@@ -37,6 +37,7 @@ from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
 from pipecat_orpheus.engine.model import OrpheusLM
 from pipecat_orpheus.engine.request import Request
 from pipecat_orpheus.engine.runner import ModelRunner
+from pipecat_orpheus.engine.sampler import N_HEAD_ROWS
 from pipecat_orpheus.engine.scheduler import Scheduler
 from pipecat_orpheus.reference import generate_tokens
 from pipecat_orpheus.testing import make_tiny_tokenizer, tiny_llama_config, tiny_snac_config
@@ -104,7 +105,7 @@ def build(args, device, dtype):
 def weight_bytes(lm: OrpheusLM) -> int:
     """Bytes a decode step must read: every layer matrix, the norms and the audio head rows."""
     n = sum(t.numel() for layer in lm.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    return (n + lm.head.numel()) * lm.dtype.itemsize
+    return (n + N_HEAD_ROWS * lm.head.shape[1]) * lm.dtype.itemsize
 
 
 def kv_bytes_per_token(lm: OrpheusLM, kv_dtype: torch.dtype) -> int:
@@ -173,7 +174,7 @@ def correctness(llm, tokenizer, device, args, kv_cache_dtype: str, ref: list | N
             torch.tensor([p], device=device), torch.arange(len(p), device=device)[None],
             torch.tensor([0], device=device), kc, vc, dummy_slot=1, max_end=len(p),
         )  # fmt: skip
-        ours = runner.lm.logits(hidden[:, -1])[0]
+        ours = runner.lm.logits(hidden[:, -1])[0, :N_HEAD_ROWS]
         rows = torch.cat([torch.arange(fmt.AUDIO_TOKEN_OFFSET, fmt.AUDIO_TOKEN_END), torch.tensor([fmt.END_OF_SPEECH])])
         theirs = llm(torch.tensor([p], device=device)).logits[0, -1].float()[rows.to(device)]
         rel = float((ours - theirs).norm() / theirs.norm())
@@ -330,7 +331,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64, 128, 192, 256, 288, 320])
     ap.add_argument("--slots", type=int, default=320)
     ap.add_argument("--kv-cache-dtype", default="fp8", choices=["auto", "fp8"])
-    ap.add_argument("--codec-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--codec-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: config")
     ap.add_argument("--stream-tokens", type=int, default=1638, help="audio tokens per stream (1638 = 19.97 s)")
     ap.add_argument("--stagger-s", type=float, default=1.0, help="arrivals spread over this many seconds")
     ap.add_argument("--prefill-chunk", type=int, default=512)
@@ -375,7 +376,7 @@ def main() -> None:
         "model.device": args.device, "engine.max_slots": args.slots,
         "engine.max_tokens_per_slot": 64 * ((args.stream_tokens + 80) // 64 + 1), "engine.max_queue": 2 * args.slots,
         "engine.prefill_chunk_tokens": args.prefill_chunk, "sampling.max_tokens": args.stream_tokens,
-        "engine.kv_cache_dtype": args.kv_cache_dtype, "codec.dtype": args.codec_dtype,
+        "engine.kv_cache_dtype": args.kv_cache_dtype, "codec.dtype": args.codec_dtype,  # None: the config's
     })  # fmt: skip
     t0 = time.perf_counter()
     engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config)
@@ -384,7 +385,9 @@ def main() -> None:
     result["engine_config"] = {
         k: getattr(config.engine, k) for k in ("max_slots", "max_tokens_per_slot", "prefill_chunk_tokens")
     }
-    result["codec_config"] = {k: getattr(config.codec, k) for k in ("left_context_frames", "lookahead_frames", "dtype")}
+    result["codec_config"] = {
+        k: getattr(config.codec, k) for k in ("left_context_frames", "lookahead_frames", "dtype", "compile")
+    }
     lm = engine.lm
     result["floor"] = {
         "copy_bandwidth_gb_s": bw / 1e9,

@@ -179,7 +179,8 @@ class SnacCodec:
     def __init__(self, snac_model: nn.Module, config: CodecConfig, device: str | torch.device):
         self.config = config
         self.device = torch.device(device)
-        self.dtype = getattr(torch, config.dtype)
+        gpu = self.device.type == "cuda"
+        self.dtype = getattr(torch, config.dtype) if gpu else torch.float32  # half precision pays off on GPU only
         strides = list(getattr(snac_model, "vq_strides", []))
         hop = int(np.prod(snac_model.decoder_rates))
         if SAMPLES_PER_FRAME % hop or strides != [SAMPLES_PER_FRAME // hop // 2**i for i in range(3)]:
@@ -199,7 +200,7 @@ class SnacCodec:
         # torch.compile only the steady-state shape (nearly every window): its lengths stay static,
         # only the batch dimension varies (automatic dynamic); start and end windows run eagerly
         self._steady = (config.left_context_frames + 1 + config.lookahead_frames, config.left_context_frames, 1)
-        self._compiled = torch.compile(self._decode_steady) if config.compile else None
+        self._compiled = torch.compile(self._decode_steady) if config.compile and gpu else None
 
     def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A private copy with weight norm folded into plain weights, in eval mode on our device."""
@@ -237,6 +238,20 @@ class SnacCodec:
                     for j, i in enumerate(part):
                         out[i] = pcm[j]
         return out  # type: ignore[return-value]
+
+    def warmup(self) -> None:
+        """Decode every window shape once (compiling the steady one), in the calling thread.
+
+        Call it from the thread that will decode: cuDNN plans and compiled graphs are built on
+        first use, which costs seconds (measured 1.4 s for a new thread's first fp16 decode).
+        """
+        frames = np.zeros((self.config.left_context_frames + self.config.lookahead_frames + 3, FRAME_TOKENS), np.int64)
+        streams = [self.open_stream(i) for i in range(2)]
+        for frame in frames:
+            windows = [w for s in streams for w in s.push(frame)]
+            self.decode(windows[:1])
+            self.decode(windows)
+        self.decode([w for s in streams for w in s.finish()])
 
     def decode_frames(self, frames: np.ndarray, seed: int) -> np.ndarray:
         """Offline decode of a whole utterance (n, 7) in one window: the streaming reference."""
@@ -323,11 +338,12 @@ class CodecWorker:
     delivered in order; a cancelled stream's (or sink's) queued windows are dropped unseen.
     """
 
-    def __init__(self, codec: SnacCodec, *, name: str = "snac-codec"):
+    def __init__(self, codec: SnacCodec, *, name: str = "snac-codec", warmup: bool | None = None):
         self._codec = codec
+        self._warmup = codec.device.type == "cuda" if warmup is None else warmup  # submits queue meanwhile
         self._jobs: deque[_Job] = deque()
         self._cv = threading.Condition()
-        self._busy = False
+        self._busy = self._warmup  # wait_idle() also waits for the warm-up
         self._closed = False
         self.batches = 0
         self.windows = 0
@@ -389,6 +405,8 @@ class CodecWorker:
             return batch
 
     def _loop(self) -> None:
+        if self._warmup:
+            self._codec.warmup()
         while (batch := self._take()) is not None:
             windows = [j.window for j in batch if j.window is not None]
             t0 = time.perf_counter()

@@ -71,11 +71,12 @@ class SamplingConfig:
 class CodecConfig:
     """Streaming SNAC decoding: context on each side of a frame, batching, precision."""
 
-    left_context_frames: int = field(default=3, metadata=_range(0, 16))
+    # defaults measured by bench/bench_codec.py on an H100 (bench/results/codec_h100.json)
+    left_context_frames: int = field(default=2, metadata=_range(0, 16))
     lookahead_frames: int = field(default=2, metadata=_range(0, 16))
     max_batch: int = field(default=256, metadata=_range(1, 4096))
-    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
-    compile: bool = False
+    dtype: str = field(default="float16", metadata=_choices("float32", "bfloat16", "float16"))
+    compile: bool = True
 
 
 @dataclass(frozen=True, slots=True)

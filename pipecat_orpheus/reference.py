@@ -7,9 +7,10 @@ order for every step:
 
 1. repetition penalty over the tokens this piece has generated so far (not the prompt);
 2. the audio constraint: at frame position k only the 4096 tokens of position k are allowed,
-   plus END_OF_SPEECH at frame boundaries (k == 0);
+   plus END_OF_SPEECH at frame boundaries (k == 0) (`allowed_tokens`, `audio_constraint`);
 3. greedy argmax when temperature == 0, else temperature, then top-p, then one multinomial draw
-   from a `torch.Generator` seeded with `SamplingParams.seed`.
+   from a `torch.Generator` seeded with `SamplingParams.seed`, over the allowed tokens only
+   (the same distribution as over the masked vocabulary: masked tokens have probability 0).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def audio_constraint(scores: torch.Tensor, position: int) -> torch.Tensor:
     return out
 
 
+def allowed_tokens(position: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Ascending ids (C,) allowed at frame position `position`: its 4096 audio tokens, END_OF_SPEECH if 0."""
+    start, end = fmt.allowed_token_range(position)
+    ids = torch.arange(start, end, device=device)  # (4096,)
+    if position == 0:  # speech may only end between frames; END_OF_SPEECH < every audio id
+        ids = torch.cat([torch.tensor([fmt.END_OF_SPEECH], device=device), ids])  # (4097,)
+    return ids
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A generator on `device` seeded with `seed` (None: a fresh random seed)."""
     generator = torch.Generator(device=device)
@@ -82,20 +92,24 @@ def generate_tokens(
     warpers = LogitsProcessorList()
     if not sampling.greedy:
         warpers += [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
+    candidates = [allowed_tokens(k, device) for k in range(fmt.FRAME_TOKENS)]  # 7 x (C,), ascending ids
     cache = DynamicCache(config=model.config)
     generated = torch.zeros((1, 0), dtype=torch.long, device=device)  # (1, G): this piece's tokens
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
     for step in range(sampling.max_tokens):
         with torch.inference_mode():
             logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, V)
-            scores = logits[:, -1, :].float()  # (1, V)
-            scores = penalty(generated, scores)
-            scores = audio_constraint(scores, step % fmt.FRAME_TOKENS)
+            scores = penalty(generated, logits[:, -1, :].float())  # (1, V)
+            # The audio constraint: only this position's tokens stay candidates. Warping and sampling
+            # over them alone is the same distribution as over the -inf-masked vocabulary.
+            allowed = candidates[step % fmt.FRAME_TOKENS]  # (C,)
+            scores = scores[:, allowed]  # (1, C)
             if sampling.greedy:
-                token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+                index = scores.argmax(dim=-1, keepdim=True)  # (1, 1); ties -> lowest id, as over the full vocab
             else:
-                probs = torch.softmax(warpers(generated, scores), dim=-1)  # (1, V)
-                token = torch.multinomial(probs, 1, generator=generator)  # (1, 1)
+                probs = torch.softmax(warpers(generated, scores), dim=-1)  # (1, C)
+                index = torch.multinomial(probs, 1, generator=generator)  # (1, 1)
+            token = allowed[index]  # (1, 1)
         token_id = int(token)
         if token_id == fmt.END_OF_SPEECH:
             return

@@ -38,4 +38,20 @@ def test_readme_lists_every_config_key_with_its_default() -> None:
     documented = readme_keys()
     stale = sorted(k for k in expected.keys() | documented.keys() if expected.get(k) != documented.get(k))
     fix = "\n".join(rows[k] for k in stale if k in rows)
-    assert not stale, f"README configuration table is out of date for {stale}; rows from the YAML:\n{fix}"
+    assert not stale, f"README table out of date for {stale} (fix: python -m tests.test_docs); rows:\n{fix}"
+
+
+def regenerate_readme() -> None:
+    """Rewrite the README's configuration table from orpheus_config.yaml (`python -m tests.test_docs`)."""
+    path = ROOT / "README.md"
+    head, rest = path.read_text().split("## Configuration reference", 1)
+    body, tail = rest.split("\n## ", 1)
+    lines = body.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("| key |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    lines[start:end] = ["| key | default | meaning |", "| --- | --- | --- |", *yaml_rows().values()]
+    path.write_text(head + "## Configuration reference" + "\n".join(lines) + "\n## " + tail)
+
+
+if __name__ == "__main__":
+    regenerate_readme()

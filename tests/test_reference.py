@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
@@ -12,7 +12,7 @@ from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled
 from pipecat_orpheus.loader import load_llm, load_snac
-from pipecat_orpheus.reference import ReferenceSynthesizer, audio_constraint, generate_tokens
+from pipecat_orpheus.reference import ReferenceSynthesizer, allowed_tokens, audio_constraint, generate_tokens
 from pipecat_orpheus.text import split_text
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=3)
@@ -69,6 +69,23 @@ def test_tokens_respect_frame_positions(models):
     for i, t in enumerate(tokens):
         lo, hi = fmt.allowed_token_range(i % 7)
         assert lo <= t < hi
+
+
+@pytest.mark.parametrize("position", [0, 3, 6])
+def test_sampling_over_allowed_tokens_equals_masked_vocabulary(position):
+    """Temperature + top-p over the allowed ids gives the distribution of the -inf-masked full vocabulary."""
+    scores = torch.randn(1, fmt.VOCAB_SIZE, generator=torch.Generator().manual_seed(position)) * 3  # (1, V)
+    allowed = allowed_tokens(position)
+
+    def warp(x):
+        return torch.softmax(TopPLogitsWarper(0.8)(None, TemperatureLogitsWarper(0.6)(None, x)), dim=-1)
+
+    full = warp(audio_constraint(scores, position))  # (1, V)
+    sub = warp(scores[:, allowed])  # (1, C)
+    assert torch.allclose(full[:, allowed], sub, atol=1e-6)
+    assert float(full[:, allowed].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert (position == 0) == (fmt.END_OF_SPEECH in allowed.tolist())
+    assert allowed.tolist() == sorted(allowed.tolist())
 
 
 def test_greedy_matches_transformers_generate(models):

@@ -3,18 +3,28 @@
 Text frames stand in for the LLM's streamed reply (no network); the STT and LLM services are built
 by the bot's own `create_services`: Whisper from a tiny CTranslate2 model written here (the real
 service loads its model in `__init__`, and a model name would be downloaded), the LLM against a
-dummy OpenAI-compatible base URL (constructing it sends no request).
+dummy OpenAI-compatible base URL (constructing it sends no request). Without the example extra
+(faster-whisper, aiortc), a pass-through holds Whisper's place and the Whisper and WebRTC tests
+skip with the reason. The last test runs `python bot.py` under Pipecat's runner and calls it from
+an aiortc peer over loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import re
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from pipecat.frames.frames import (
@@ -40,8 +50,10 @@ from pipecat_orpheus.synthesizer import load_synthesizer
 BOT_PATH = Path(__file__).resolve().parent.parent / "examples" / "voice_agent" / "bot.py"
 SHORT_TOKENS = 28  # 4 SNAC frames per sentence: a whole reply in well under a second on CPU
 LONG_TOKENS = 2000  # a sentence still generating when the interruption lands (~24 s of audio)
-FIRST_AUDIO_WAIT_S = 2.0  # time for the first audio before the barge-in, with room for a loaded CPU
+FIRST_AUDIO_WAIT_S = 3.0  # first audio before the barge-in: ~0.2 s on an idle CPU, 10x slower under load
 START_TIMEOUT_S = 60.0  # the first pipeline of the session may load the tiny model inside StartFrame
+RUNNER_START_TIMEOUT_S = 90.0  # the runner imports Pipecat, then preloads the tiny Orpheus
+LOUD = 200  # int16 magnitude above which a received sample is not the transport's silence
 REPLY = ("Oh, hello there! ", "<laugh> ", "It is nice ", "to meet you.")
 
 
@@ -226,3 +238,85 @@ async def test_agent_stops_speaking_when_interrupted(
     said = " ".join(m["content"] for m in context.get_messages() if m.get("role") == "assistant")
     assert "meet you" not in said
     await wait_idle(config)
+
+
+async def test_bot_under_the_runner_greets_a_webrtc_client(
+    tiny_model_dir: Path, whisper_dir: Path | None, tmp_path: Path
+) -> None:
+    """`python bot.py` under Pipecat's runner answers a WebRTC offer and greets the caller with Orpheus audio."""
+    if whisper_dir is None or importlib.util.find_spec("aiortc") is None:
+        pytest.skip("the example extra (pip install -e '.[example]': faster-whisper, aiortc) is not installed")
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    port = free_port()
+    config = write_config(tmp_path / "orpheus.yaml", tiny_model_dir, SHORT_TOKENS)
+    argv = [*agent_argv(config, whisper_dir), "--port", str(port), "-t", "webrtc"]
+    log = (tmp_path / "bot.log").open("w")
+    process = subprocess.Popen([sys.executable, BOT_PATH.name, *argv], cwd=BOT_PATH.parent, stdout=log, stderr=log)
+    peer = RTCPeerConnection()
+    try:
+        await wait_until_serving(f"http://127.0.0.1:{port}/client/", process, timeout_s=RUNNER_START_TIMEOUT_S)
+        peer.addTrack(AudioStreamTrack())  # the caller's microphone: silence
+        heard: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        @peer.on("track")
+        def on_track(track: Any) -> None:
+            asyncio.ensure_future(listen(track, heard))
+
+        await peer.setLocalDescription(await peer.createOffer())
+        offer = {"sdp": peer.localDescription.sdp, "type": peer.localDescription.type}
+        answer = await asyncio.to_thread(post_json, f"http://127.0.0.1:{port}/api/offer", offer)
+        await peer.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        loud = await asyncio.wait_for(heard, RUNNER_START_TIMEOUT_S)
+        assert loud >= fmt.SAMPLES_PER_FRAME  # at least one SNAC frame of (noise) speech reached the caller
+    finally:
+        await peer.close()
+        process.terminate()
+        try:
+            await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+        log.close()
+
+
+async def listen(track: Any, heard: asyncio.Future[int]) -> None:
+    """Count loud samples of the bot's audio until a SNAC frame's worth has arrived."""
+    loud = 0
+    while not heard.done():
+        try:
+            frame = await track.recv()
+        except Exception as e:  # the track ended: report what arrived
+            heard.set_exception(AssertionError(f"the bot's audio track ended ({type(e).__name__}) after {loud} loud"))
+            return
+        loud += int((np.abs(frame.to_ndarray().astype(np.int32)) > LOUD).sum())
+        if loud >= fmt.SAMPLES_PER_FRAME:
+            heard.set_result(loud)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until `url` answers, failing early if the bot process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"bot.py exited with {process.returncode}"
+        try:
+            await asyncio.to_thread(urllib.request.urlopen, url, timeout=1)
+            return
+        except OSError:
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"bot.py did not serve {url} within {timeout_s} s")
+
+
+def post_json(url: str, body: dict) -> dict:
+    """POST `body` as JSON and return the JSON answer."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())

@@ -23,7 +23,7 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs use the SDPA f
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-_BLOCK_N = 64  # KV positions per inner iteration of the decode kernel
+_TILE_BYTES = 64 * 128 * 2  # bytes of K per inner iteration: 64 positions of bf16 (128 of fp8)
 _MAX_SPLITS = 32  # splits of the live length per (row, KV head) at batch 1
 _TARGET_PROGRAMS = 4 * 132  # enough programs to fill an H100's 132 SMs several times over
 
@@ -130,7 +130,7 @@ def _triton_decode(q, k_cache, v_cache, slots, lens):
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         1.0 / math.sqrt(d),
-        GROUP=h // kvh, BLOCK_H=16, BLOCK_N=_BLOCK_N, D=d, SPLITS=splits,
+        GROUP=h // kvh, BLOCK_H=16, BLOCK_N=_TILE_BYTES // (d * k_cache.element_size()), D=d, SPLITS=splits,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _merge_splits_kernel[(b, h)](

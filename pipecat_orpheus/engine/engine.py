@@ -78,11 +78,12 @@ class OrpheusEngine:
         self._ids = itertools.count()
         self._closed = False
         self.stats = EngineStats()
+        self.runner.capture_graphs()  # before the codec worker starts: no other thread may use the GPU meanwhile
+        self.runner.warm_up_prefill()
         # -- audio
         self.codec = codec
         self.codec_worker = CodecWorker(codec, name="orpheus-codec")
         self._codec_streams: dict[str, CodecStream] = {}
-        self.runner.capture_graphs()
         self._thread = threading.Thread(target=self._loop, name="orpheus-engine", daemon=True)
         self._thread.start()
 

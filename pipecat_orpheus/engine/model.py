@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from .attention import decode_attention, prefill_attention
 from .sampler import head_token_ids
 
+_HEAD_ALIGN = 64  # 28673 head rows padded to 28736: an aligned GEMM (an odd N falls back to a slow kernel)
+
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
@@ -85,7 +87,9 @@ class OrpheusLM:
                 )
             self.final_norm = inner.norm.weight.detach()  # (H,)
             rows = head_token_ids().to(self.device)  # (N_HEAD_ROWS,)
-            self.head = hf_model.lm_head.weight.detach().index_select(0, rows).contiguous()  # (N_HEAD_ROWS, H)
+            head = hf_model.lm_head.weight.detach().index_select(0, rows)  # (N_HEAD_ROWS, H)
+            pad = -len(rows) % _HEAD_ALIGN  # zero rows: their logits are never read
+            self.head = torch.cat([head, head.new_zeros(pad, head.shape[1])]).contiguous()  # (N_HEAD_ROWS + pad, H)
             # rope table exactly as transformers builds cos/sin: float32 product, then cast
             rotary = inner.rotary_emb
             inv_freq = rotary.inv_freq.float().to(self.device)  # (D / 2,)
@@ -125,7 +129,7 @@ class OrpheusLM:
         return F.linear(F.silu(gate) * up, layer.down)  # (tokens, H)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and the head rows: (tokens, H) -> (tokens, N_HEAD_ROWS) float32."""
+        """Final norm and the head rows: (tokens, H) -> (tokens, N_HEAD_ROWS + padding) float32."""
         return F.linear(self._norm(hidden, self.final_norm), self.head).float()
 
     # -- forwards --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .scheduler import PrefillChunk
 
 _IN_ROWS = 5  # decode input block: slot, token, position, num_generated, noise_step
 _ACTIVATION_RESERVE = 2 * 2**30  # bytes kept free beyond the KV cache for activations and graphs
+_PREFILL_PAD = 16  # prefill chunks are padded to a multiple of this: few distinct GEMM shapes to warm up
 
 
 def graph_ladder(max_batch: int) -> list[int]:
@@ -70,6 +71,8 @@ class ModelRunner:
         self.use_triton = triton_available(self.device)
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else lm.dtype
         self._allocate()
+        # the engine's work outranks the codec's SNAC decodes on the GPU (lower number = higher priority)
+        self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
 
@@ -122,6 +125,12 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
         """Run one engine step; returns the sampled tokens of the decode rows and of the last chunks."""
+        if self._stream is None:
+            return self._step(decode, prefill)
+        with torch.cuda.stream(self._stream):
+            return self._step(decode, prefill)
+
+    def _step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
         n = len(decode)
         bucket = 0
         if n:
@@ -175,39 +184,76 @@ class ModelRunner:
         self._dev_out[:bs] = out.token_ids
 
     def _prefill(self, chunks: list[PrefillChunk], *, offset: int) -> int:
-        """Prefill `chunks` (eager); the first tokens of completed prompts go to `_dev_out[offset:]`."""
+        """Prefill `chunks` (eager); the first tokens of completed prompts go to `_dev_out[offset:]`.
+
+        Every host input travels in one pinned non-blocking copy, so launching the prefill never
+        waits for the decode graph queued before it.
+        """
         for c in chunks:
             if c.start == 0:
                 self.start_piece(c.request.slot, c.request.sampling, c.request.seed)
-        t = max(c.end - c.start for c in chunks)
-        ids = np.zeros((len(chunks), t), dtype=np.int64)  # (N, T)
-        positions = np.full((len(chunks), t), -1, dtype=np.int64)  # (N, T), -1 = padding
+        n = len(chunks)
+        t = -(-max(c.end - c.start for c in chunks) // _PREFILL_PAD) * _PREFILL_PAD
+        last = [i for i, c in enumerate(chunks) if c.last]
+        m = len(last)
+        packed = np.zeros(2 * n * t + n + 3 * m, dtype=np.int64)  # ids | positions | slots | rows | cols | steps
+        ids, positions = packed[: n * t].reshape(n, t), packed[n * t : 2 * n * t].reshape(n, t)  # (N, T) views
+        positions[:] = -1  # padding
         for i, c in enumerate(chunks):
             ids[i, : c.end - c.start] = c.request.prompt[c.start : c.end]
             positions[i, : c.end - c.start] = np.arange(c.start, c.end)
-        slots = torch.tensor([c.request.slot for c in chunks], device=self.device)  # (N,)
+        tail = packed[2 * n * t :]
+        tail[:n] = [c.request.slot for c in chunks]
+        tail[n : n + m] = last
+        tail[n + m : n + 2 * m] = [chunks[i].end - chunks[i].start - 1 for i in last]
+        tail[n + 2 * m :] = [chunks[i].request.num_generated_total for i in last]
+        dev = self._upload(packed)  # (2NT + N + 3M,)
+        dev_ids, dev_pos = dev[: n * t].view(n, t), dev[n * t : 2 * n * t].view(n, t)  # (N, T)
+        slots, rows, cols, noise_step = dev[2 * n * t :].split([n, m, m, m])
         hidden = self.lm.prefill(
-            torch.from_numpy(ids).to(self.device),
-            torch.from_numpy(positions).to(self.device),
+            dev_ids,
+            dev_pos,
             slots,
             self.k_cache,
             self.v_cache,
             dummy_slot=self.dummy_slot,
             max_end=max(c.end for c in chunks),
         )  # (N, T, H)
-        last = [i for i, c in enumerate(chunks) if c.last]
-        if not last:
+        if not m:
             return 0
-        rows = torch.tensor(last, device=self.device)  # (M,)
-        cols = torch.tensor([chunks[i].end - chunks[i].start - 1 for i in last], device=self.device)  # (M,)
         logits = self.lm.logits(hidden[rows, cols])  # (M, head rows)
         first = slots[rows]  # (M,)
         zeros = torch.zeros_like(first)  # (M,) the first token of a piece
-        noise_step = torch.tensor([chunks[i].request.num_generated_total for i in last], device=self.device)  # (M,)
         out = sample(logits, self.presence[first], self._rows(first, zeros, noise_step))
         self.presence.index_put_((first, out.head_rows), self._true)
-        self._dev_out[offset : offset + len(last)] = out.token_ids
-        return len(last)
+        self._dev_out[offset : offset + m] = out.token_ids
+        return m
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without a sync: pinned staging (cached by torch), non-blocking copy."""
+        host = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self) -> None:
+        """Run prefill and first-token sampling once per padded shape, so no caller pays for first use."""
+        if self.device.type != "cuda":
+            return
+        longest = min(self.config.prefill_chunk_tokens, 256, self.max_len)
+        with torch.cuda.stream(self._stream):
+            for n in (1, 2, 4):
+                for t in range(_PREFILL_PAD, longest + 1, _PREFILL_PAD):
+                    ids = torch.zeros(n, t, dtype=torch.int64, device=self.device)  # (N, T)
+                    pos = torch.arange(t, device=self.device).expand(n, t)  # (N, T)
+                    slots = torch.full((n,), self.dummy_slot, device=self.device)  # (N,)
+                    hidden = self.lm.prefill(
+                        ids, pos, slots, self.k_cache, self.v_cache, dummy_slot=self.dummy_slot, max_end=t
+                    )  # (N, T, H)
+                    logits = self.lm.logits(hidden[:, -1])  # (N, head rows)
+                    sample(logits, self.presence[slots], self._rows(slots, torch.zeros_like(slots), slots))
+        torch.cuda.synchronize(self.device)
 
     # -- CUDA graphs -------------------------------------------------------------------------
 
@@ -224,7 +270,7 @@ class ModelRunner:
             self._decode_step(bs, max_len=self.max_len)  # warm-up: compiles kernels, sizes the pool
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self._decode_step(bs, max_len=self.max_len)
             pool = graph.pool()
             self._graphs[bs] = graph

@@ -101,7 +101,7 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, rows: SamplingRows) -> Samp
     """Sample one audio token (or END_OF_SPEECH) per row from head-row `logits`.
 
     Args:
-        logits: (B, N_HEAD_ROWS) float32 head-row logits.
+        logits: (B, >= N_HEAD_ROWS) float32 head-row logits (columns past N_HEAD_ROWS are padding).
         seen: (B, N_HEAD_ROWS) bool, head rows this request already generated in this piece.
         rows: per-row sampling inputs.
     """
