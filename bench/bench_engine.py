@@ -172,7 +172,7 @@ def correctness(llm, tokenizer, device, args, kv_cache_dtype: str, ref: list | N
         p = prompts[0]
         hidden = runner.lm.prefill(
             torch.tensor([p], device=device), torch.arange(len(p), device=device)[None],
-            torch.tensor([0], device=device), kc, vc, dummy_slot=1, max_end=len(p),
+            torch.tensor([0], device=device), kc, vc, dummy_slot=1, max_end=len(p), use_triton=runner.use_triton,
         )  # fmt: skip
         ours = runner.lm.logits(hidden[:, -1])[0, :N_HEAD_ROWS]
         rows = torch.cat([torch.arange(fmt.AUDIO_TOKEN_OFFSET, fmt.AUDIO_TOKEN_END), torch.tensor([fmt.END_OF_SPEECH])])
@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=320)
     ap.add_argument("--kv-cache-dtype", default="fp8", choices=["auto", "fp8"])
     ap.add_argument("--codec-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: config")
+    ap.add_argument("--codec-compile", type=int, default=None, choices=[0, 1], help="default: config")
     ap.add_argument("--stream-tokens", type=int, default=1638, help="audio tokens per stream (1638 = 19.97 s)")
     ap.add_argument("--stagger-s", type=float, default=1.0, help="arrivals spread over this many seconds")
     ap.add_argument("--prefill-chunk", type=int, default=512)
@@ -377,6 +378,7 @@ def main() -> None:
         "engine.max_tokens_per_slot": 64 * ((args.stream_tokens + 80) // 64 + 1), "engine.max_queue": 2 * args.slots,
         "engine.prefill_chunk_tokens": args.prefill_chunk, "sampling.max_tokens": args.stream_tokens,
         "engine.kv_cache_dtype": args.kv_cache_dtype, "codec.dtype": args.codec_dtype,  # None: the config's
+        "codec.compile": None if args.codec_compile is None else bool(args.codec_compile),
     })  # fmt: skip
     t0 = time.perf_counter()
     engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config)

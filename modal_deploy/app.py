@@ -63,6 +63,7 @@ PYTHON_VERSION = "3.12"
 RUNTIME_PACKAGES = (
     "torch==2.13.0",
     "transformers==5.24.0",
+    "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "huggingface-hub==2.4.0",  # with hf-xet on x86_64: fast, resumable downloads
     "snac==1.2.1",

@@ -104,11 +104,13 @@ class LimitsConfig:
     """What one client may cost the server; past a limit it gets an `Error`, never a crash."""
 
     max_message_bytes: int = field(default=65536, metadata=_range(64, 16 * 2**20))
+    max_frame_bytes: int = field(default=262144, metadata=_range(64, 256 * 2**20))
     max_utterance_chars: int = field(default=4000, metadata=_range(1, 1_000_000))
     max_buffered_chars: int = field(default=8000, metadata=_range(1, 1_000_000))
     max_queued_utterances: int = field(default=16, metadata=_range(1, 10_000))
     max_connections: int = field(default=512, metadata=_range(1, 100_000))
     max_unsent_audio_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+    max_unsent_messages: int = field(default=1024, metadata=_range(1, 1_000_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,8 @@ class Config:
             raise ConfigError("voices.default", f"{self.voices.default!r} is not in voices.available")
         if self.server.ping_timeout_s < self.server.ping_interval_s:
             raise ConfigError("server.ping_timeout_s", "must be >= server.ping_interval_s")
+        if self.limits.max_frame_bytes < self.limits.max_message_bytes:
+            raise ConfigError("limits.max_frame_bytes", "must be >= limits.max_message_bytes")
         if self.sampling.max_tokens > self.engine.max_tokens_per_slot:
             raise ConfigError(
                 "sampling.max_tokens", f"must be <= engine.max_tokens_per_slot ({self.engine.max_tokens_per_slot})"

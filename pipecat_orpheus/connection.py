@@ -84,6 +84,7 @@ class Connection:
         try:
             async for data in self.ws:
                 try:
+                    _check_size(data, self.session.limits.max_message_bytes)
                     message = p.decode_client(data)
                 except ProtocolError as e:
                     self.session.error(e)
@@ -185,3 +186,10 @@ class Connection:
         except TimeoutError:
             self.ws.transport.abort()
         raise _Closed
+
+
+def _check_size(data: bytes | str, limit: int) -> None:
+    """Refuse a frame over `limits.max_message_bytes` (websockets already refused those over `max_frame_bytes`)."""
+    size = len(data) if isinstance(data, bytes) else len(data.encode())
+    if size > limit:
+        raise ProtocolError(f"a message of {size} bytes is over limits.max_message_bytes ({limit})")

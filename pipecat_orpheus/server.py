@@ -98,7 +98,9 @@ class OrpheusServer:
                 **where,
                 process_request=self._process_request,
                 compression=None,  # PCM barely compresses; deflate costs ~300 KiB per connection
-                max_size=self.config.limits.max_message_bytes,
+                # The hard ceiling: past it, 1009 before buffering. Up to it, the connection checks
+                # limits.max_message_bytes itself and answers Error (the stream goes on).
+                max_size=self.config.limits.max_frame_bytes,
                 ping_interval=self.config.server.ping_interval_s,
                 ping_timeout=self.config.server.ping_timeout_s,
                 close_timeout=self._close_timeout_s,
@@ -183,17 +185,22 @@ class OrpheusServer:
         return None
 
     def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
-        """Whether any offered key matches any configured one; every comparison runs (constant time)."""
-        offered = [request.headers.get("kyutai-api-key"), *query.get("auth_id", [])]
-        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer":
-            offered.append(token.strip())
-        ok = False
-        for key in offered:
-            if key is not None:
-                digest = _digest(key)
-                for known in self._key_digests:
-                    ok |= hmac.compare_digest(digest, known)
+        """Whether the request offers exactly one key (however often) and it is a configured one.
+
+        Several different keys are refused even if one is right: one request is one guess, not
+        a batch of them packed into repeated headers or query parameters. The comparison runs
+        against every configured key (constant time).
+        """
+        offered = [*request.headers.get_all("kyutai-api-key"), *query.get("auth_id", [])]
+        for value in request.headers.get_all("Authorization"):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                offered.append(token.strip())
+        if len(set(offered)) != 1:
+            return False
+        digest, ok = _digest(offered[0]), False
+        for known in self._key_digests:
+            ok |= hmac.compare_digest(digest, known)
         return ok
 
     # -- one stream ------------------------------------------------------------------------------

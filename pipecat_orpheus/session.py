@@ -119,6 +119,7 @@ class Session:
         self._next_key = 0
         self._next_utterance = 0
         self._unsent_samples = 0
+        self._unsent_messages = 0  # outbox messages other than audio (replies, word times)
         self._timeline_samples = 0  # audio queued on this connection's timeline, minus what Cancel purged
         self._ended = False
         self._voice_warned = False
@@ -136,6 +137,7 @@ class Session:
             return None
         out = self.outbox.popleft()
         self._unsent_samples -= out.samples
+        self._unsent_messages -= not (out.samples or isinstance(out.message, Close))
         return out.message
 
     @property
@@ -181,7 +183,7 @@ class Session:
         for chunk in self._framer.push(pcm):
             self._send_audio(piece, chunk)
         if self._unsent_samples > self.limits.max_unsent_audio_s * SAMPLE_RATE:
-            self._abort_slow_client()
+            self._abort_slow_client(f"over limits.max_unsent_audio_s ({self.limits.max_unsent_audio_s} s) unsent")
 
     def finished(self, key: int, error: BaseException | None = None) -> None:
         """Piece `key` ended: normally (None), refused (`EngineBusy`) or failed."""
@@ -251,6 +253,11 @@ class Session:
         self._flush_text()
 
     def _on_marker(self, message: p.Marker) -> None:
+        waiting = sum(isinstance(q, _Barrier) for q in self._queue)
+        if waiting >= self.limits.max_queued_utterances:  # markers wait in the utterance queue
+            raise ProtocolError(
+                f"{waiting} markers already waiting: limits.max_queued_utterances ({self.limits.max_queued_utterances})"
+            )
         self._flush_text()  # "all audio for input sent before it" includes buffered words
         self._queue.append(_Barrier(message.id))
 
@@ -269,6 +276,7 @@ class Session:
         for out in self.outbox:
             if match(out):
                 self._unsent_samples -= out.samples
+                self._unsent_messages -= not out.samples
                 self._timeline_samples -= out.samples
             else:
                 kept.append(out)
@@ -315,6 +323,10 @@ class Session:
 
     def _send(self, message: object, piece: Piece | None = None) -> None:
         self.outbox.append(_Out(message, piece.key if piece else None, piece.id if piece else None))
+        self._unsent_messages += 1
+        # Replies to a client that sends but does not read would pile up; audio has its own bound.
+        if self._unsent_messages > self.limits.max_unsent_messages and not self.closed:
+            self._abort_slow_client(f"over limits.max_unsent_messages ({self.limits.max_unsent_messages}) unsent")
 
     def _send_audio(self, piece: Piece, pcm: np.ndarray) -> None:
         if len(pcm):
@@ -322,15 +334,15 @@ class Session:
             self._unsent_samples += len(pcm)
             self._timeline_samples += len(pcm)
 
-    def _abort_slow_client(self) -> None:
-        reason = f"client is not reading: over limits.max_unsent_audio_s ({self.limits.max_unsent_audio_s} s) unsent"
+    def _abort_slow_client(self, why: str) -> None:
+        reason = f"client is not reading: {why}"
         logger.warning(f"{self}: {reason}")
         if self._current is not None:
             self._actions.append(Stop(self._current.key))
         self._current = None
         self._queue.clear()
         self.outbox.clear()
-        self._unsent_samples = 0
+        self._unsent_samples = self._unsent_messages = 0
         self._send(p.Error(reason, code="bad_request"))
         self._actions.append(Abort(POLICY_VIOLATION, reason))
         self.closed = True

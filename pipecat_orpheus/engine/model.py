@@ -191,16 +191,20 @@ class OrpheusLM:
         *,
         dummy_slot: int,
         max_end: int,
+        use_triton: bool = False,
     ) -> torch.Tensor:
         """Prompt chunks: (N, T) ids at (N, T) positions (padding: -1) of (N,) slots -> (N, T, H) hidden.
 
         Each chunk's K/V is written to its slot first, so it attends to earlier chunks too.
         Padding tokens write to `dummy_slot`; `max_end` bounds positions + 1 (known on the host, no sync).
+        With `use_triton` the fused kernels replace the elementwise ops (a third of the launches).
         """
         n, t = input_ids.shape
         valid = positions >= 0  # (N, T)
         flat_pos = positions.clamp(min=0).reshape(-1)  # (N*T,)
         flat_slot = torch.where(valid, slots[:, None], dummy_slot).reshape(-1)  # (N*T,)
+        if use_triton:
+            return self._prefill_fused(input_ids, positions, slots, flat_pos, flat_slot, k_cache, v_cache, max_end)
         h = F.embedding(input_ids.reshape(-1), self.embed)  # (N*T, H)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(h, layer.input_norm), layer, flat_pos)
@@ -212,4 +216,25 @@ class OrpheusLM:
             o = o.transpose(1, 2).reshape(n * t, self.q_size)  # (N*T, NH*D)
             h = h + F.linear(o, layer.o)  # (N*T, H)
             h = h + self._mlp(self._norm(h, layer.post_norm), layer)  # (N*T, H)
+        return h.view(n, t, -1)
+
+    def _prefill_fused(self, input_ids, positions, slots, flat_pos, flat_slot, k_cache, v_cache, max_end):
+        """`prefill` with the decode step's Triton kernels, one row per prompt token."""
+        from . import kernels  # needs Triton
+
+        n, t = input_ids.shape
+        h, x = kernels.add_rms_norm(
+            F.embedding(input_ids.reshape(-1), self.embed), None, self.layers[0].input_norm, self.eps
+        )
+        for i, layer in enumerate(self.layers):
+            kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
+            qkv = F.linear(x, layer.qkv)  # (N*T, (NH + 2 KVH) * D)
+            q = kernels.rope_and_cache(qkv, self.cos, self.sin, flat_pos, flat_slot, kc, vc, self.num_heads)
+            q = q.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, NH, T, D)
+            o = prefill_attention(q, kc, vc, slots, positions, max_end=max_end)  # (N, NH, T, D)
+            o = o.transpose(1, 2).reshape(n * t, self.q_size)  # (N*T, NH*D)
+            h, x = kernels.add_rms_norm(F.linear(o, layer.o), h, layer.post_norm, self.eps)
+            mlp = F.linear(kernels.silu_mul(F.linear(x, layer.gate_up)), layer.down)  # (N*T, H)
+            nxt = self.layers[i + 1].input_norm if i + 1 < self.num_layers else self.final_norm
+            h, x = kernels.add_rms_norm(mlp, h, nxt, self.eps)
         return h.view(n, t, -1)

@@ -218,6 +218,7 @@ class ModelRunner:
             self.v_cache,
             dummy_slot=self.dummy_slot,
             max_end=max(c.end for c in chunks),
+            use_triton=self.use_triton,
         )  # (N, T, H)
         if not m:
             return 0
@@ -249,7 +250,14 @@ class ModelRunner:
                     pos = torch.arange(t, device=self.device).expand(n, t)  # (N, T)
                     slots = torch.full((n,), self.dummy_slot, device=self.device)  # (N,)
                     hidden = self.lm.prefill(
-                        ids, pos, slots, self.k_cache, self.v_cache, dummy_slot=self.dummy_slot, max_end=t
+                        ids,
+                        pos,
+                        slots,
+                        self.k_cache,
+                        self.v_cache,
+                        dummy_slot=self.dummy_slot,
+                        max_end=t,
+                        use_triton=self.use_triton,
                     )  # (N, T, H)
                     logits = self.lm.logits(hidden[:, -1])  # (N, head rows)
                     sample(logits, self.presence[slots], self._rows(slots, torch.zeros_like(slots), slots))

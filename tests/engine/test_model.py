@@ -121,7 +121,7 @@ def test_fused_weights_are_shared_with_the_transformers_model(llm):
 
 @needs_triton_interpreter
 def test_fused_decode_kernels_match_plain_decode(llm):
-    """The fused Triton decode step (norms, rope + cache write, SiLU) gives the plain step's logits and cache."""
+    """Fused Triton prefill and decode (norms, rope + cache write, SiLU) give the plain path's logits and cache."""
     model, tokenizer = llm
     lm = OrpheusLM(model, max_positions=64)
     prompt = fmt.build_prompt(tokenizer, "hello", "tara")
@@ -131,7 +131,9 @@ def test_fused_decode_kernels_match_plain_decode(llm):
     logits = []
     with torch.inference_mode():
         for (kc, vc), fused in zip(caches, (False, True), strict=False):
-            lm.prefill(torch.tensor([prompt]), torch.arange(n)[None], slots, kc, vc, dummy_slot=2, max_end=n)
+            lm.prefill(
+                torch.tensor([prompt]), torch.arange(n)[None], slots, kc, vc, dummy_slot=2, max_end=n, use_triton=fused
+            )
             nxt = torch.tensor([fmt.audio_token(0, 3)])
             logits.append(lm.decode(nxt, torch.tensor([n]), slots, kc, vc, max_len=n + 1, use_triton=fused))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
