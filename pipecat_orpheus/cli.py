@@ -19,8 +19,6 @@ import numpy as np
 from pipecat_orpheus.errors import ConfigError, EngineBusy, ModelLoadError, OrpheusError
 
 USER_ERROR_EXIT = 2  # like argparse's own usage errors
-# Until the batched engine is the default everywhere, `speak` uses the reference path unless told otherwise.
-DEFAULT_SPEAK_BACKEND = "reference"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -38,8 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     speak.add_argument(
         "--backend",
         choices=("batched", "reference"),
-        default=DEFAULT_SPEAK_BACKEND,
-        help=f"batched engine or the one-at-a-time reference path (default: {DEFAULT_SPEAK_BACKEND})",
+        default=None,
+        help="batched engine or the one-at-a-time reference path (default: engine.backend, batched)",
     )
 
     serve = sub.add_parser("serve", help="run the WebSocket TTS server (PROTOCOL.md)")
