@@ -433,6 +433,9 @@ def main() -> None:
         "baseline_static_tok_s_bs64": result["baselines"].get("baseline_static_tok_s_bs64"),
         "baseline_eager_tok_s_bs1": result["baselines"].get("baseline_eager_tok_s_bs1"),
     })  # fmt: skip
+    for buffer_ms in (100, 250):  # the same, for a player that buffers this much before it starts
+        fits = [lv["streams"] for lv in levels if lv["worst_lateness_ms"] <= buffer_ms]
+        result[f"max_realtime_streams_{buffer_ms}ms_buffer"] = max(fits) if fits else 0
     ratios = {}
     if result["engine_tok_s_bs64"] and result["baseline_static_tok_s_bs64"]:
         ratios["engine_vs_static_bs64"] = result["engine_tok_s_bs64"] / result["baseline_static_tok_s_bs64"]

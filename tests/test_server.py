@@ -261,11 +261,19 @@ async def test_text_and_queue_limits(config, synth):
 
 
 async def test_message_size_limit(config, synth):
-    """A frame over limits.max_message_bytes closes the stream with 1009 before it is buffered."""
-    async with serve(with_(config, limits={"max_message_bytes": 1024}), synth, port=0) as server:
+    """A frame over limits.max_message_bytes gets Error naming it and the stream goes on; past max_frame_bytes, 1009."""
+    limits = {"max_message_bytes": 1024, "max_frame_bytes": 4096}
+    async with serve(with_(config, limits=limits), synth, port=0) as server:
         async with connect(server.url) as ws:
             await ws.recv()
             await ws.send(pack(type="Text", text="z" * 2000))
+            await ws.send("y" * 1500)  # a text frame counts its UTF-8 bytes too
+            for _ in range(2):
+                error = p.decode_server(await ws.recv())
+                assert error.code == "bad_request" and "limits.max_message_bytes (1024)" in error.message
+            await ws.send(pack(type="Marker", id="still-open"))
+            assert p.decode_server(await ws.recv()) == p.Marker("still-open")
+            await ws.send(pack(type="Text", text="z" * 5000))
             await messages(ws)
         assert ws.close_code == 1009
 

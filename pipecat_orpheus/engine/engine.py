@@ -166,7 +166,8 @@ class OrpheusEngine:
                 done.set()
 
         prompt = fmt.build_prompt(self.tokenizer, "Warm up.", self.config.voices.default)
-        self._submit_prompts([prompt], SamplingParams(max_tokens=4 * fmt.FRAME_TOKENS, min_tokens=28), _Sink())
+        frames = 4 * fmt.FRAME_TOKENS  # enough for the codec's first windows; END_OF_SPEECH masked until then
+        self._submit_prompts([prompt], SamplingParams(max_tokens=frames, min_tokens=frames), _Sink())
         done.wait()
         self.codec_worker.wait_idle()
 
@@ -222,7 +223,12 @@ class OrpheusEngine:
             request.stream.finish(RequestCancelled(request_id))
 
     def _emit(self, out: StepOutput, now: float) -> None:
-        """Completed frames to each request's codec stream; finished requests flush their tail."""
+        """Completed frames to each request's codec stream; finished requests flush their tail.
+
+        Frames are pushed first and the ready windows submitted back to back, so the codec worker
+        wakes to the whole step's windows and decodes them as one batch.
+        """
+        ready = []
         for request, ids in out.frames:
             if request.first_frame_s is None:
                 request.first_frame_s = now
@@ -230,12 +236,14 @@ class OrpheusEngine:
             if codec_stream is not None:
                 windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
                 if windows:
-                    self.codec_worker.submit(codec_stream, windows, request.stream)
+                    ready.append((codec_stream, windows, request.stream, False))
         for request in out.finished:
             self._requests.pop(request.request_id, None)
             codec_stream = self._codec_streams.pop(request.request_id, None)
             if codec_stream is not None:
-                self.codec_worker.submit(codec_stream, codec_stream.finish(), request.stream, final=True)
+                ready.append((codec_stream, codec_stream.finish(), request.stream, True))
+        for codec_stream, windows, sink, final in ready:
+            self.codec_worker.submit(codec_stream, windows, sink, final=final)
 
     def __repr__(self) -> str:
         return f"OrpheusEngine(active={self.active_requests}, queued={self.queued_requests})"

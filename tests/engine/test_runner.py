@@ -95,3 +95,26 @@ def test_padding_rows_do_not_change_live_rows(setup):
         decoded, first = runner.step(step.decode, step.prefill)
         scheduler.postprocess(step, decoded.tolist(), first.tolist())
     assert [r.output_ids[0] for r in reqs] == [expected[0], expected[2]]
+
+
+def test_fp8_kv_cache_halves_memory_and_stays_close(setup):
+    """An fp8 KV cache takes a quarter of float32's bytes and its first logits stay close to the exact cache's."""
+    model, prompts, _ = setup
+    lm = OrpheusLM(model, max_positions=128)
+    logits = []
+    for kv in ("auto", "fp8"):
+        config = EngineConfig(max_slots=2, max_tokens_per_slot=128, kv_cache_dtype=kv)
+        runner = ModelRunner(lm, config)
+        assert runner.k_cache.dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.float32)
+        n = len(prompts[1])
+        with torch.inference_mode():
+            hidden = lm.prefill(
+                torch.tensor([prompts[1]]), torch.arange(n)[None], torch.tensor([0]), runner.k_cache, runner.v_cache,
+                dummy_slot=2, max_end=n,
+            )  # fmt: skip
+            logits.append(lm.logits(hidden[:, -1]))
+    exact, fp8 = logits
+    assert (exact - fp8).norm() / exact.norm() < 0.1
+    assert ModelRunner(
+        lm, EngineConfig(max_slots=2, max_tokens_per_slot=128, kv_cache_dtype="fp8")
+    ).kv_cache_bytes() * 4 == (ModelRunner(lm, EngineConfig(max_slots=2, max_tokens_per_slot=128)).kv_cache_bytes())
