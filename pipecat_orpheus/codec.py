@@ -34,33 +34,22 @@ from loguru import logger
 from snac.layers import DecoderBlock, NoiseBlock, Snake1d
 from torch import nn
 from torch.nn.utils import parametrize
+from tqdm import tqdm
 
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.errors import ModelLoadError, RequestCancelled
 from pipecat_orpheus.format import CODEBOOK_SIZE, FRAME_TOKENS, SAMPLES_PER_FRAME
+from pipecat_orpheus.noise import hash32, noise_key, uniform24
 
-_M32 = 0xFFFFFFFF  # noise hashing works on 32-bit words held in int64 tensors
+
+def _buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a CUDA graph: powers of two up to `max_batch`, and `max_batch` itself."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return [*sizes, max_batch]
+
+
 _L1_COLS = [1, 4]  # frame positions of the two L1 codes (format.FRAME_LAYOUT)
 _L2_COLS = [2, 3, 5, 6]  # frame positions of the four L2 codes
-
-
-def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
-    """(x * c) mod 2**32 without int64 overflow: split c into 16-bit halves."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
-    """Chris Wellons' lowbias32 integer hash; works on Python ints and int64 tensors alike."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def noise_key(seed: int) -> int:
-    """The 32-bit noise key of a request seed (any non-negative int)."""
-    return _hash32(_hash32(seed & _M32) ^ ((seed >> 32) & _M32))
 
 
 def hashed_normal(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -68,10 +57,9 @@ def hashed_normal(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
     keys: (B, 1) int64 in [0, 2**32); positions: (B, T) int64 >= 0. Returns (B, T) float32.
     """
-    h = _hash32(keys ^ _hash32(positions))  # (B, T)
-    h1, h2 = _hash32(h ^ 0x68E31DA4), _hash32(h ^ 0xB5297A4D)  # (B, T) two independent words
-    u1 = ((h1 >> 8).float() + 0.5) / 2**24  # (B, T) in (0, 1): 24 bits are exact in float32
-    u2 = (h2 >> 8).float() / 2**24  # (B, T) in [0, 1)
+    h = hash32(keys ^ hash32(positions))  # (B, T)
+    u1 = uniform24(hash32(h ^ 0x68E31DA4))  # (B, T) in (0, 1)
+    u2 = uniform24(hash32(h ^ 0xB5297A4D))  # (B, T) in (0, 1), independent of u1
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
 
 
@@ -112,12 +100,19 @@ class Window:
 
 
 class CodecStream:
-    """One request's frame buffer: push frames, get the windows that became ready."""
+    """One request's frame buffer: push frames, get the windows that became ready.
 
-    def __init__(self, key: int, left_context: int, lookahead: int):
+    The first frame may go out with less lookahead (`first_lookahead`) than the rest: first
+    audio comes 7 engine steps sooner per frame saved, at the cost of fidelity at the end of
+    that one frame. The engine picks it per request from its current step time, so the stream
+    still stays ahead of playback while it catches up to the full lookahead.
+    """
+
+    def __init__(self, key: int, left_context: int, lookahead: int, first_lookahead: int | None = None):
         self.key = key
         self._left = left_context
         self._lookahead = lookahead
+        self._first_lookahead = lookahead if first_lookahead is None else min(first_lookahead, lookahead)
         self._frames: list[np.ndarray] = []  # frames from absolute index self._base on
         self._base = 0
         self._pushed = 0
@@ -139,8 +134,9 @@ class CodecStream:
             raise ValueError(f"a frame is {FRAME_TOKENS} codes in [0, {CODEBOOK_SIZE}), got {frame_codes!r}")
         self._frames.append(codes)
         self._pushed += 1
-        if self._next + self._lookahead < self._pushed:
-            return [self._window(self._next, 1, self._next + 1 + self._lookahead)]
+        lookahead = self._first_lookahead if self._next == 0 else self._lookahead
+        if self._next + lookahead < self._pushed:
+            return [self._window(self._next, 1, self._next + 1 + lookahead)]
         return []
 
     def finish(self) -> list[Window]:
@@ -197,10 +193,13 @@ class SnacCodec:
         # crop margin after block i, in that block's output samples: the receptive field of what follows
         self._margins = {i: _receptive_margin(self._leaves(layers[i + 1 :])) + 1 for i in blocks}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # torch.compile only the steady-state shape (nearly every window): its lengths stay static,
-        # only the batch dimension varies (automatic dynamic); start and end windows run eagerly
+        # Nearly every window has the steady-state shape (left context, 1 frame, lookahead): on GPU it
+        # runs as a CUDA graph per batch bucket (one launch, no Python per kernel, no GIL contention
+        # with the engine thread), optionally torch.compiled; start and end windows run eagerly.
         self._steady = (config.left_context_frames + 1 + config.lookahead_frames, config.left_context_frames, 1)
-        self._compiled = torch.compile(self._decode_steady) if config.compile and gpu else None
+        self._steady_fn = torch.compile(self._decode_steady) if config.compile and gpu else self._decode_steady
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, output)
+        self._graph_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A private copy with weight norm folded into plain weights, in eval mode on our device."""
@@ -219,10 +218,15 @@ class SnacCodec:
     def _leaves(layers: list[nn.Module]) -> list[nn.Module]:
         return [m for layer in layers for m in layer.modules() if not list(m.children())]
 
-    def open_stream(self, seed: int | None = None) -> CodecStream:
-        """A stream for one request; `seed` fixes its noise (None: a random one)."""
+    def open_stream(self, seed: int | None = None, *, first_lookahead: int | None = None) -> CodecStream:
+        """A stream for one request; `seed` fixes its noise (None: a random one).
+
+        `first_lookahead` (default: `lookahead_frames`) is the right context of the first frame.
+        """
         seed = secrets.randbits(63) if seed is None else seed
-        return CodecStream(noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames)
+        return CodecStream(
+            noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames, first_lookahead
+        )
 
     def decode(self, windows: list[Window]) -> list[np.ndarray]:
         """Decode `windows` (any requests, any shapes): float32 PCM to emit, one array per window."""
@@ -261,15 +265,48 @@ class SnacCodec:
             return np.zeros(0, dtype=np.float32)
         return self.decode([Window(stream, codes, 0, 0, len(codes))])[0]
 
+    def capture_graphs(self) -> None:
+        """Capture the steady-state window decode as CUDA graphs, one per batch bucket (GPU only).
+
+        Call once at start, before other threads use the GPU; without it (and on CPU) every
+        window runs eagerly, with the same results.
+        """
+        if self._stream is None or not self.config.cuda_graphs or self._graphs:
+            return
+        frames, left, emit = self._steady
+        n = self.config.max_batch
+        codes = torch.zeros((n, frames, FRAME_TOKENS), dtype=torch.int64, device=self.device)  # (N, F, 7)
+        keys = torch.zeros((n, 1), dtype=torch.int64, device=self.device)  # (N, 1)
+        starts = torch.zeros((n, 1), dtype=torch.int64, device=self.device)  # (N, 1)
+        self._graph_inputs = (codes, keys, starts)
+        pool = None
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            for bucket in tqdm(_buckets(n)[::-1], desc="SNAC CUDA graphs", unit="graph"):  # largest first: one pool
+                for _ in range(2):  # warm up (cuDNN plans, compile) outside the capture
+                    self._steady_fn(codes[:bucket], keys[:bucket], starts[:bucket])
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=self._stream, capture_error_mode="thread_local"):
+                    out = self._steady_fn(codes[:bucket], keys[:bucket], starts[:bucket])  # (bucket, 2048)
+                pool = graph.pool()
+                self._graphs[bucket] = (graph, out)
+        self._stream.synchronize()
+        logger.info(f"{self}: captured {len(self._graphs)} CUDA graphs of the steady window, batch up to {n}")
+
     def _run(self, windows: list[Window], left: int, emit: int) -> np.ndarray:
-        codes = torch.from_numpy(np.stack([w.codes for w in windows])).to(self.device)  # (B, F, 7)
-        keys = torch.tensor([w.stream.key for w in windows], dtype=torch.int64, device=self.device)[:, None]  # (B, 1)
-        starts = torch.tensor([w.start for w in windows], dtype=torch.int64, device=self.device)[:, None]  # (B, 1)
-        if self._compiled is not None and (len(windows[0].codes), left, emit) == self._steady:
-            pcm = self._compiled(codes, keys, starts)  # (B, 2048)
-        else:
-            pcm = self._decode_group(codes, keys, starts, left, emit)  # (B, emit * 2048)
-        return pcm.float().cpu().numpy()
+        codes = torch.from_numpy(np.stack([w.codes for w in windows]))  # (B, F, 7) on the host
+        keys = torch.tensor([[w.stream.key] for w in windows], dtype=torch.int64)  # (B, 1)
+        starts = torch.tensor([[w.start] for w in windows], dtype=torch.int64)  # (B, 1)
+        b = len(windows)
+        if self._graphs and (codes.shape[1], left, emit) == self._steady:
+            graph, out = self._graphs[min(size for size in self._graphs if size >= b)]  # decode() caps b
+            for buffer, value in zip(self._graph_inputs, (codes, keys, starts), strict=True):
+                buffer[:b].copy_(value)  # rows past b keep stale inputs; their output is ignored
+            graph.replay()
+            return out[:b].float().cpu().numpy()
+        codes, keys, starts = codes.to(self.device), keys.to(self.device), starts.to(self.device)
+        if (codes.shape[1], left, emit) == self._steady:
+            return self._steady_fn(codes, keys, starts).float().cpu().numpy()  # (B, 2048)
+        return self._decode_group(codes, keys, starts, left, emit).float().cpu().numpy()  # (B, emit * 2048)
 
     def _decode_steady(self, codes: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         return self._decode_group(codes, keys, starts, self._steady[1], self._steady[2])
@@ -304,7 +341,7 @@ class SnacCodec:
         for m in rest:
             if isinstance(m, NoiseBlock):
                 positions = starts * scale + rel + torch.arange(x.shape[-1], device=x.device)  # (B, T) absolute
-                noise = hashed_normal(keys ^ _hash32(i), positions).to(x.dtype)  # (B, T)
+                noise = hashed_normal(keys ^ hash32(i), positions).to(x.dtype)  # (B, T)
                 x = x + noise[:, None, :] * m.linear(x)  # (B, C, T)
             else:  # ResidualUnit
                 s1, conv1, s2, conv2 = m.block

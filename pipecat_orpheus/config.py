@@ -76,7 +76,8 @@ class CodecConfig:
     lookahead_frames: int = field(default=2, metadata=_range(0, 16))
     max_batch: int = field(default=256, metadata=_range(1, 4096))
     dtype: str = field(default="float16", metadata=_choices("float32", "bfloat16", "float16"))
-    compile: bool = True
+    compile: bool = False
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True, slots=True)

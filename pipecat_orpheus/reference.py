@@ -193,6 +193,11 @@ class ReferenceSynthesizer:
         """Requests waiting for the worker."""
         return len(self._queue)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has been called."""
+        return self._closed
+
     def close(self) -> None:
         """Cancel everything queued or running and stop the worker thread."""
         with self._cond:

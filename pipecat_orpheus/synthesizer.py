@@ -115,6 +115,11 @@ class Synthesizer(Protocol):
         """Requests waiting for a slot."""
         ...
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has been called (a closed synthesizer takes no more requests)."""
+        ...
+
     def close(self) -> None:
         """Stop the worker and cancel everything in flight."""
         ...
@@ -131,7 +136,7 @@ def load_synthesizer(config: Config) -> Synthesizer:
     """
     key = (config.model, config.engine, config.codec)
     with _shared_lock:
-        if key not in _shared:
+        if key not in _shared or _shared[key].closed:
             if config.engine.backend == "reference":
                 from pipecat_orpheus.reference import ReferenceSynthesizer
 

@@ -236,9 +236,10 @@ def test_worker_reports_decode_errors_and_close_cancels(codec):
 
 
 def test_warmup_and_gpu_only_options(snac):
-    """A worker can warm every window shape up before serving; half precision and compile apply on GPU only."""
-    cpu = SnacCodec(snac, CodecConfig(dtype="float16", compile=True), "cpu")
-    assert cpu.dtype == torch.float32 and cpu._compiled is None
+    """A worker can warm every window shape up before serving; half precision, compile and graphs are GPU only."""
+    cpu = SnacCodec(snac, CodecConfig(dtype="float16", compile=True, cuda_graphs=True), "cpu")
+    cpu.capture_graphs()
+    assert cpu.dtype == torch.float32 and cpu._steady_fn == cpu._decode_steady and not cpu._graphs
     sink = Sink()
     with CodecWorker(cpu, warmup=True) as worker:
         assert worker.wait_idle(60) and worker.windows == 0
@@ -247,3 +248,21 @@ def test_warmup_and_gpu_only_options(snac):
         worker.submit(stream, stream.finish(), sink, final=True)
         assert worker.wait_idle(60)
     assert sink.finished == [None] and len(np.concatenate(sink.chunks)) == SAMPLES_PER_FRAME
+
+
+def test_first_lookahead_emits_the_first_frame_early(snac):
+    """A smaller first lookahead emits frame 0 sooner; every later frame keeps the full lookahead."""
+    codec = SnacCodec(snac, CodecConfig(left_context_frames=2, lookahead_frames=2), "cpu")
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 4096, (8, 7))
+    for first, ready_after in (
+        (0, [1, 0, 0, 1, 1, 1, 1, 1]),
+        (1, [0, 1, 0, 1, 1, 1, 1, 1]),
+        (None, [0, 0, 1, 1, 1, 1, 1, 1]),
+    ):
+        stream = codec.open_stream(5, first_lookahead=first)
+        windows = [stream.push(f) for f in frames]
+        assert [len(w) for w in windows] == ready_after
+        tail = stream.finish()
+        pcm = np.concatenate(codec.decode([w for ws in windows for w in ws] + tail))
+        assert len(pcm) == len(frames) * SAMPLES_PER_FRAME

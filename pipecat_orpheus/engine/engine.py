@@ -138,6 +138,11 @@ class OrpheusEngine:
         """Requests waiting for a slot."""
         return self.scheduler.num_waiting
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has been called."""
+        return self._closed
+
     def close(self) -> None:
         """Stop the step thread and the codec worker; every request in flight ends with RequestCancelled."""
         with self._cond:
