@@ -123,7 +123,8 @@ def time_decode(codec: SnacCodec, windows: list[Window], reps: int) -> float:
 
 
 def speed(model, device, left, right, args, rng, specs) -> dict:
-    """Time each variant spec "dtype[+compile][+cudnn]" (cudnn: torch.backends.cudnn.benchmark on)."""
+    """Time each variant spec "dtype[+compile][+graphs][+cudnn]" (graphs: CUDA graphs of the steady window;
+    cudnn: torch.backends.cudnn.benchmark on)."""
     variants = {}
     pool = None
     for name in specs:
@@ -131,10 +132,16 @@ def speed(model, device, left, right, args, rng, specs) -> dict:
         dtype, comp = parts[0], "compile" in parts
         torch.backends.cudnn.benchmark = "cudnn" in parts
         cfg = CodecConfig(
-            left_context_frames=left, lookahead_frames=right, dtype=dtype, compile=comp, max_batch=max(args.batches)
+            left_context_frames=left,
+            lookahead_frames=right,
+            dtype=dtype,
+            compile=comp,
+            cuda_graphs="graphs" in parts,
+            max_batch=max(args.batches),
         )
         try:
             codec = SnacCodec(model, cfg, device)
+            codec.capture_graphs()  # a no-op unless cuda_graphs (and a GPU)
             pool = pool or steady_windows(codec, max(args.batches), rng)
             t0 = time.perf_counter()
             for b in args.batches:  # warm-up (compiles, with dynamic shapes)
@@ -146,7 +153,7 @@ def speed(model, device, left, right, args, rng, specs) -> dict:
             variants[name] = {"error": repr(e)[:500]}
             continue
         seqs = [rng.integers(0, CODEBOOK_SIZE, (24, 7)) for _ in range(4)]
-        ref32 = SnacCodec(model, CodecConfig(), device)
+        ref32 = SnacCodec(model, CodecConfig(dtype="float32", compile=False, cuda_graphs=False), device)
         prec = min(snr_db(codec.decode_frames(q, i), ref32.decode_frames(q, i)) for i, q in enumerate(seqs))
         stream_fid = min(
             snr_db(s, codec.decode_frames(q, i))
@@ -194,6 +201,7 @@ def lone_wait(codec: SnacCodec, rng, reps: int) -> dict:
     own = time_decode(codec, win, 20)
     ours = []
     with CodecWorker(codec) as worker:
+        worker.wait_idle()  # the worker warms every window shape up in its own thread first
         for _ in range(reps):
             sink = TimedSink()
             busy = worker.decode_seconds
@@ -222,6 +230,7 @@ def burst(codec: SnacCodec, rng, n: int) -> dict:
     wins = steady_windows(codec, n, rng)
     lat = []
     with CodecWorker(codec) as worker:
+        worker.wait_idle()
         sinks = [TimedSink() for _ in wins]
         t = time.perf_counter()
         for w, s in zip(wins, sinks, strict=False):
@@ -267,7 +276,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["float32", "float16", "bfloat16", "float32+compile", "float16+compile", "float16+compile+cudnn"],
-        help="dtype[+compile][+cudnn]: precision, torch.compile, cudnn.benchmark",
+        help="dtype[+compile][+graphs][+cudnn]: precision, torch.compile, CUDA graphs, cudnn.benchmark",
     )
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--lone-reps", type=int, default=100)
@@ -326,7 +335,8 @@ def report(args, name, grid, left, right, variants, rng) -> dict:
         "left_context_frames": left,
         "chosen_variant": best,
         "dtype": best.split("+")[0],
-        "compile": best.endswith("+compile"),
+        "compile": "compile" in best.split("+"),
+        "cuda_graphs": "graphs" in best.split("+"),
         "decode_ms_bs1": variants[best]["decode_ms"].get(1),
         "decode_ms_bs64": variants[best]["decode_ms"].get(64),
         "lone_request_wait_ms": lone["ours_ms_p50"],

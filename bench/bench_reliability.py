@@ -135,7 +135,7 @@ class Bench:
         tasks0, rss0, t0 = len(asyncio.all_tasks()), rss_mib(), time.perf_counter()
         stop = asyncio.Event()
         good = [asyncio.create_task(self.good_client(stop, i)) for i in range(self.n_good)]
-        details = await work()
+        details = await guarded(self, name, work()) or {}
         stop.set()
         await asyncio.gather(*good)
         try:
@@ -388,7 +388,7 @@ async def text_flood(bench: Bench, frames: int) -> dict:
 
 async def slow_readers(bench: Bench, port: int, n: int) -> float:
     """`n` clients that speak and never read; seconds until the server has closed all of them."""
-    base, conns = bench.server.open_streams, []
+    before, conns = set(bench.server._streams), []
     t0 = time.perf_counter()
     for _ in range(n):
         sock = socket.socket()
@@ -399,9 +399,10 @@ async def slow_readers(bench: Bench, port: int, n: int) -> float:
         for i in range(8):
             await ws.send(pack(type="Speak", text=LONG_TEXT[:3000], id=i))
         conns.append(ws)
+    ours = set(bench.server._streams) - before
     try:
         async with asyncio.timeout(120):
-            while bench.server.open_streams > base:
+            while ours & bench.server._streams:
                 await asyncio.sleep(0.05)
     except TimeoutError:
         bench.fail("slow readers not closed within 120 s")
@@ -453,18 +454,31 @@ async def rapid(bench: Bench, cycles: int) -> None:
         ws.transport.abort()
 
 
+async def guarded(bench: Bench, name: str, work):
+    """`await work`, or None with a failure recorded if it raised (the bench goes on)."""
+    try:
+        return await work
+    except Exception as e:  # noqa: BLE001 - an abuse step that breaks is a finding, not the end of the run
+        bench.fail(f"{name}: {type(e).__name__}: {e}")
+        return None
+
+
 async def run_floods(bench: Bench, cfg, scale: int) -> dict:
-    port = bench.server.port
-    out = {"connection_flood": await connection_flood(bench, cfg.limits.max_connections + 50)}
-    floods = await asyncio.gather(*(text_flood(bench, 500 * scale) for _ in range(4)))
+    port, out = bench.server.port, {}
+    out["connection_flood"] = await guarded(
+        bench, "connection flood", connection_flood(bench, cfg.limits.max_connections + 50)
+    )
+    floods = [await guarded(bench, "text flood", text_flood(bench, 500 * scale)) for _ in range(4)]
+    floods = [f for f in floods if f is not None]
     out["text_flood_errors"] = {k: sum(f.get(k, 0) for f in floods) for k in set().union(*floods)}
-    out["slow_readers_closed_after_s"] = round(await slow_readers(bench, port, 4), 2)
-    silent = await asyncio.gather(*(silent_peer(port, True) for _ in range(8)))
-    half_open = await asyncio.gather(*(silent_peer(port, False) for _ in range(8)))
-    out["silent_peer_dropped_after_s"] = round(max(silent), 2)
-    out["half_open_dropped_after_s"] = round(max(half_open), 2)
-    out["cancels_answered"] = sum(await asyncio.gather(*(cancel_storm(bench, 5 * scale, 50) for _ in range(4))))
-    await asyncio.gather(*(rapid(bench, 50 * scale) for _ in range(8)))
+    out["slow_readers_closed_after_s"] = await guarded(bench, "slow readers", slow_readers(bench, port, 4))
+    silent = await guarded(bench, "silent", asyncio.gather(*(silent_peer(port, True) for _ in range(8))))
+    half_open = await guarded(bench, "half-open", asyncio.gather(*(silent_peer(port, False) for _ in range(8))))
+    out["silent_peer_dropped_after_s"] = max(silent) if silent else None
+    out["half_open_dropped_after_s"] = max(half_open) if half_open else None
+    storms = await guarded(bench, "cancels", asyncio.gather(*(cancel_storm(bench, 5 * scale, 50) for _ in range(4))))
+    out["cancels_answered"] = sum(storms or [])
+    await guarded(bench, "rapid", asyncio.gather(*(rapid(bench, 50 * scale) for _ in range(8))))
     out["rapid_connects"] = 8 * 50 * scale
     return out
 
@@ -591,12 +605,13 @@ def oom_message() -> dict:
 
 
 async def run_faults(bench: Bench, cfg, model_dir: Path, scale: int) -> dict:
-    out = {"poison_errors": sum(await asyncio.gather(*(poison(bench) for _ in range(4 * scale))))}
-    out["killed_client_dropped_after_s"] = round(max([await killed_client(bench) for _ in range(3)]), 3)
-    out["restart"] = await restart_under_client(bench, cfg, 3 * scale)
-    out["sigterm"] = await sigterm_drain(model_dir, cfg.engine.backend)
-    s = out["sigterm"]
-    if not (s["done_before_close"] and s["close_code"] == 1001 and s["exit_code"] == 0):
+    poisoned = await guarded(bench, "poison", asyncio.gather(*(poison(bench) for _ in range(4 * scale))))
+    out = {"poison_errors": sum(poisoned or [])}
+    killed = [await guarded(bench, "killed client", killed_client(bench)) for _ in range(3)]
+    out["killed_client_dropped_after_s"] = max((k for k in killed if k is not None), default=None)
+    out["restart"] = await guarded(bench, "restart", restart_under_client(bench, cfg, 3 * scale))
+    out["sigterm"] = s = await guarded(bench, "sigterm", sigterm_drain(model_dir, cfg.engine.backend))
+    if s and not (s["done_before_close"] and s["close_code"] == 1001 and s["exit_code"] == 0):
         bench.data_lost += not s["done_before_close"]
         bench.fail(f"sigterm: {s}")
     out["oom"] = oom_message()

@@ -193,6 +193,9 @@ class SnacCodec:
         # crop margin after block i, in that block's output samples: the receptive field of what follows
         self._margins = {i: _receptive_margin(self._leaves(layers[i + 1 :])) + 1 for i in blocks}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # column indices on the device: a Python list index would be a host-to-device copy per call
+        self._l1_cols = torch.tensor(_L1_COLS, device=self.device)  # (2,)
+        self._l2_cols = torch.tensor(_L2_COLS, device=self.device)  # (4,)
         # Nearly every window has the steady-state shape (left context, 1 frame, lookahead): on GPU it
         # runs as a CUDA graph per batch bucket (one launch, no Python per kernel, no GIL contention
         # with the engine thread), optionally torch.compiled; start and end windows run eagerly.
@@ -317,9 +320,9 @@ class SnacCodec:
         """Equal-shape windows (B, F, 7) -> the emitted samples (B, emit * 2048)."""
         b, f, _ = codes.shape
         l0 = codes[:, :, 0]  # (B, F)
-        l1 = codes[:, :, _L1_COLS].reshape(b, 2 * f)  # (B, 2F)
-        l2 = codes[:, :, _L2_COLS].reshape(b, 4 * f)  # (B, 4F)
-        x = self.quantizer.from_codes([l0, l1, l2]).to(self.dtype)  # (B, latent_dim, 4F)
+        l1 = codes.index_select(2, self._l1_cols).reshape(b, 2 * f)  # (B, 2F)
+        l2 = codes.index_select(2, self._l2_cols).reshape(b, 4 * f)  # (B, 4F)
+        x = self._from_codes((l0, l1, l2)).to(self.dtype)  # (B, latent_dim, 4F)
         scale, rel = self.latents_per_frame, 0  # units per frame; window-relative offset of x[..., 0]
         for i, layer in enumerate(self._layers):
             if i not in self._blocks:
@@ -332,6 +335,16 @@ class SnacCodec:
             x, rel = x[..., lo:hi], rel + lo  # (B, C, hi - lo)
         a = left * SAMPLES_PER_FRAME - rel
         return x[:, 0, a : a + emit * SAMPLES_PER_FRAME]  # (B, emit * 2048)
+
+    def _from_codes(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """SNAC's `quantizer.from_codes` without `repeat_interleave`, whose host-side size
+        computation cannot be captured in a CUDA graph: each code is repeated `stride` times."""
+        z = 0.0
+        for quantizer, c in zip(self.quantizer.quantizers, codes, strict=True):
+            z_i = quantizer.out_proj(quantizer.decode_code(c))  # (B, latent_dim, T_i)
+            b, d, t = z_i.shape
+            z = z + z_i[..., None].expand(b, d, t, quantizer.stride).reshape(b, d, t * quantizer.stride)
+        return z  # (B, latent_dim, 4F)
 
     def _block(self, i: int, layer: nn.Module, x, keys, starts, scale: int, rel: int):
         """One SNAC DecoderBlock: Snake, ConvTranspose, seeded noise, residual units."""

@@ -54,6 +54,7 @@ class EngineConfig:
     max_chars_per_piece: int = field(default=280, metadata=_range(20, 4000))
     gpu_memory_fraction: float = field(default=0.90, metadata=_range(0.1, 1.0))
     kv_cache_dtype: str = field(default="auto", metadata=_choices("auto", "fp8"))
+    switch_interval_ms: float = field(default=0.5, metadata=_range(0.0, 100.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class CodecConfig:
     lookahead_frames: int = field(default=2, metadata=_range(0, 16))
     max_batch: int = field(default=256, metadata=_range(1, 4096))
     dtype: str = field(default="float16", metadata=_choices("float32", "bfloat16", "float16"))
-    compile: bool = False
+    compile: bool = True
     cuda_graphs: bool = True
 
 

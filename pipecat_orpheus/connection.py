@@ -60,6 +60,10 @@ class Connection:
         self.close_timeout_s, self.send_timeout_s = close_timeout_s, send_timeout_s
         self.idle = asyncio.Event()  # set while the session has no work: shutdown may close it
         self._wake = asyncio.Event()  # the outbox has something for the send task
+        self._drained = asyncio.Event()  # the outbox's replies are below the mark where recv pauses
+        # Reading pauses at half of limits.max_unsent_messages: a client that floods requests but reads
+        # its replies is slowed down (TCP backpressure), never closed; one that does not read meets the bound.
+        self._pause_at = session.limits.max_unsent_messages // 2
         self._audio: dict[int, AudioStream] = {}
         self._tg: asyncio.TaskGroup | None = None
 
@@ -91,6 +95,9 @@ class Connection:
                 else:
                     self.session.receive(message)
                 self._apply()
+                while self.session.unsent_messages > self._pause_at and not self.session.closed:
+                    self._drained.clear()
+                    await self._drained.wait()
         except ConnectionClosed:
             pass
         raise _Closed
@@ -99,6 +106,8 @@ class Connection:
         try:
             while True:
                 item = self.session.pop()
+                if self.session.unsent_messages <= self._pause_at:
+                    self._drained.set()
                 if item is None:
                     self._update_idle()
                     self._wake.clear()

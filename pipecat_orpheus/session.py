@@ -146,6 +146,11 @@ class Session:
         return not (self.outbox or self._queue or self._current or self._sentences.pending.strip())
 
     @property
+    def unsent_messages(self) -> int:
+        """Messages other than audio (replies, word times) waiting in the outbox."""
+        return self._unsent_messages
+
+    @property
     def unsent_s(self) -> float:
         """Seconds of audio waiting in the outbox."""
         return self._unsent_samples / SAMPLE_RATE

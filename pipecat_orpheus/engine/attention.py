@@ -7,7 +7,8 @@ float8 (e4m3, unscaled): it is upcast to the query dtype as it is read.
 Decode uses a Triton split-K kernel (one program per row, KV head and split of the live length,
 then a log-sum-exp merge of the splits), so a step costs the bytes of the live KV, not of the
 whole cache, and its shapes are static (CUDA-graph safe). Without Triton (CPU tests) the same
-call falls back to SDPA over the cache cropped to the batch's longest live length.
+call falls back to SDPA over the cache cropped to the batch's longest live length. Prefill
+uses the same call with one row per prompt token (its slot, its position + 1 as the length).
 """
 
 from __future__ import annotations
@@ -85,36 +86,6 @@ def decode_attention(
         q[:, :, None, :], keys, values, attn_mask=live[:, None, None, :], enable_gqa=True
     )  # (B, H, 1, D)
     return out[:, :, 0, :]
-
-
-def prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    *,
-    max_end: int,
-) -> torch.Tensor:
-    """Causal attention of prompt chunks against their slots' cache (chunk keys already written).
-
-    Args:
-        q: (N, H, T, D) queries of N chunks padded to T tokens.
-        k_cache: (S + 1, KVH, L, D) one layer's keys.
-        v_cache: (S + 1, KVH, L, D) one layer's values.
-        slots: (N,) slot of each chunk.
-        positions: (N, T) position of each query (padding: -1).
-        max_end: 1 + the largest position (known on the host: no device sync).
-
-    Returns:
-        (N, H, T, D).
-    """
-    keys = gather_kv(k_cache, slots, max_end, q.dtype)  # (N, KVH, end, D)
-    values = gather_kv(v_cache, slots, max_end, q.dtype)  # (N, KVH, end, D)
-    key_pos = torch.arange(keys.shape[2], device=q.device)  # (end,)
-    visible = key_pos[None, None, :] <= positions[:, :, None]  # (N, T, end) causal over the whole slot
-    visible[:, :, 0] = True  # padding queries (position -1) see one key instead of none (no NaN)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], enable_gqa=True)
 
 
 def _triton_decode(q, k_cache, v_cache, slots, lens):

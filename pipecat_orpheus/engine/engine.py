@@ -9,6 +9,13 @@ thread runs the loop
 and hands each request's completed 7-token frames to its `CodecStream`; a `CodecWorker` thread
 decodes the ready windows of all requests in batches and puts the PCM on each caller's stream.
 Neither thread ever waits on a consumer, so a slow reader never stalls the batch.
+
+First audio: a frame is normally decoded once `codec.lookahead_frames` (L) later frames exist,
+which costs 7 engine steps per frame of lookahead before the first audio. Each request's first
+frame gets the smallest lookahead L0 in [0, L] such that the frames the second window still
+waits for arrive while the first frame plays, 7 * s * (L - L0 + 1) <= 85.3 ms, with s the
+recent step time (an EWMA of measured steps; before any step, L0 = L). At light load the first
+audio comes up to 14 steps sooner, and the stream never runs dry after it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +44,18 @@ from .runner import ModelRunner
 from .scheduler import Scheduler, StepOutput
 
 _FRAME_OFFSETS = fmt.AUDIO_TOKEN_OFFSET + fmt.CODEBOOK_SIZE * np.arange(fmt.FRAME_TOKENS)  # (7,) token -> code
+_FRAME_S = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE  # 85.3 ms of audio per 7-token frame
+_STEP_EWMA = 0.1  # weight of the newest step in the step-time average (~ the last 10 steps)
+
+
+def first_lookahead(step_s: float | None, lookahead: int) -> int:
+    """The first frame's lookahead: the smallest that keeps the stream ahead of playback at `step_s` per step."""
+    if step_s is None:
+        return lookahead
+    for l0 in range(lookahead + 1):
+        if fmt.FRAME_TOKENS * step_s * (lookahead - l0 + 1) <= _FRAME_S:
+            return l0
+    return lookahead
 
 
 @dataclass(slots=True)
@@ -78,8 +98,13 @@ class OrpheusEngine:
         self._ids = itertools.count()
         self._closed = False
         self.stats = EngineStats()
-        self.runner.capture_graphs()  # before the codec worker starts: no other thread may use the GPU meanwhile
+        self.step_s: float | None = None  # EWMA of measured step seconds (picks each request's first lookahead)
+        if config.engine.switch_interval_ms > 0:  # the step thread gets the GIL back soon after each GPU sync
+            sys.setswitchinterval(config.engine.switch_interval_ms / 1e3)
+        # graphs and warm-up before the codec worker starts: no other thread may use the GPU meanwhile
+        self.runner.capture_graphs()
         self.runner.warm_up_prefill()
+        codec.capture_graphs()
         # -- audio
         self.codec = codec
         self.codec_worker = CodecWorker(codec, name="orpheus-codec")
@@ -118,7 +143,8 @@ class OrpheusEngine:
                 raise RuntimeError("OrpheusEngine is closed")
             self.scheduler.admit(request)  # raises EngineBusy (or ConfigError for a prompt too long)
             self._requests[request.request_id] = request
-            self._codec_streams[request.request_id] = self.codec.open_stream(seed)
+            lookahead = first_lookahead(self.step_s, self.codec.config.lookahead_frames)
+            self._codec_streams[request.request_id] = self.codec.open_stream(seed, first_lookahead=lookahead)
             self._cond.notify()
         return stream
 
@@ -210,7 +236,9 @@ class OrpheusEngine:
             self.stats.steps += 1
             self.stats.decode_tokens += len(step.decode) + len(first)
             self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
-            self.stats.busy_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.stats.busy_s += dt
+            self.step_s = dt if self.step_s is None else self.step_s + _STEP_EWMA * (dt - self.step_s)
 
     def _apply_cancels(self) -> None:
         cancels, self._cancels = self._cancels, []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import decode_attention, prefill_attention
+from .attention import decode_attention
 from .sampler import head_token_ids
 
 _HEAD_ALIGN = 64  # 28673 head rows padded to 28736: an aligned GEMM (an odd N falls back to a slow kernel)
@@ -128,9 +128,9 @@ class OrpheusLM:
         gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)  # (tokens, F) each
         return F.linear(F.silu(gate) * up, layer.down)  # (tokens, H)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and the head rows: (tokens, H) -> (tokens, N_HEAD_ROWS + padding) float32."""
-        return F.linear(self._norm(hidden, self.final_norm), self.head).float()
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head rows over final-normed hidden states: (tokens, H) -> (tokens, N_HEAD_ROWS + padding) float32."""
+        return F.linear(x, self.head).float()
 
     # -- forwards --------------------------------------------------------------------------
 
@@ -145,27 +145,52 @@ class OrpheusLM:
         max_len: int,
         use_triton: bool,
     ) -> torch.Tensor:
-        """One token per row: (B,) ids at (B,) positions of (B,) slots -> (B, N_HEAD_ROWS) logits.
+        """One token per row: (B,) ids at (B,) positions of (B,) slots -> (B, N_HEAD_ROWS + padding) logits."""
+        return self.head_logits(self.forward(input_ids, positions, slots, k_cache, v_cache, max_len, use_triton))
 
-        Writes each row's K/V at its position, then attends over positions 0..position.
-        k_cache, v_cache: (layers, S + 1, KVH, L, D). With `use_triton` the fused kernels run.
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        max_len: int,
+        use_triton: bool = False,
+    ) -> torch.Tensor:
+        """Prompt tokens of any requests, flattened: (T,) ids at (T,) positions of (T,) slots -> (T, H) normed hidden.
+
+        The same forward as decode: every token's K/V is written before the layer's attention, so a
+        token sees its own chunk's earlier tokens and earlier chunks through the cache. No padding
+        per request and no mask: shapes depend on T only (few to warm up), and on CUDA the
+        attention is the decode kernel (the same compiled Triton code, nothing new to specialise).
+        """
+        return self.forward(input_ids, positions, slots, k_cache, v_cache, max_len, use_triton)
+
+    def forward(self, input_ids, positions, slots, k_cache, v_cache, max_len: int, use_triton: bool) -> torch.Tensor:
+        """(B,) tokens at (B,) positions of (B,) slots -> (B, H) final-normed hidden states.
+
+        Writes each row's K/V at its position, then attends over its slot's positions 0..position.
+        k_cache, v_cache: (layers, S + 1, KVH, L, D). `max_len` bounds positions + 1 (the SDPA
+        fallback crops the cache to it). With `use_triton` the fused kernels run.
         """
         lens = positions + 1  # (B,) live length after this token's K/V is written
         if use_triton:
-            return self._decode_fused(input_ids, positions, lens, slots, k_cache, v_cache)
+            return self._forward_fused(input_ids, positions, lens, slots, k_cache, v_cache)
         h = F.embedding(input_ids, self.embed)  # (B, H)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(h, layer.input_norm), layer, positions)
             kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
             store_kv(kc, slots, positions, k)  # (B, KVH, D)
             store_kv(vc, slots, positions, v)
-            o = decode_attention(q, kc, vc, slots, lens, max_len=max_len, use_triton=use_triton)  # (B, NH, D)
+            o = decode_attention(q, kc, vc, slots, lens, max_len=max_len, use_triton=False)  # (B, NH, D)
             h = h + F.linear(o.reshape(o.shape[0], -1), layer.o)  # (B, H)
             h = h + self._mlp(self._norm(h, layer.post_norm), layer)  # (B, H)
-        return self.logits(h)
+        return self._norm(h, self.final_norm)
 
-    def _decode_fused(self, input_ids, positions, lens, slots, k_cache, v_cache) -> torch.Tensor:
-        """`decode` with Triton kernels: 10 launches per layer (4 of them matmuls)."""
+    def _forward_fused(self, input_ids, positions, lens, slots, k_cache, v_cache) -> torch.Tensor:
+        """`forward` with Triton kernels: 10 launches per layer (4 of them matmuls)."""
         from . import kernels  # needs Triton
 
         b = input_ids.shape[0]
@@ -179,62 +204,4 @@ class OrpheusLM:
             mlp = F.linear(kernels.silu_mul(F.linear(x, layer.gate_up)), layer.down)  # (B, H)
             nxt = self.layers[i + 1].input_norm if i + 1 < self.num_layers else self.final_norm
             h, x = kernels.add_rms_norm(mlp, h, nxt, self.eps)  # (B, H) residual stream and its next norm
-        return F.linear(x, self.head).float()  # (B, head rows)
-
-    def prefill(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        *,
-        dummy_slot: int,
-        max_end: int,
-        use_triton: bool = False,
-    ) -> torch.Tensor:
-        """Prompt chunks: (N, T) ids at (N, T) positions (padding: -1) of (N,) slots -> (N, T, H) hidden.
-
-        Each chunk's K/V is written to its slot first, so it attends to earlier chunks too.
-        Padding tokens write to `dummy_slot`; `max_end` bounds positions + 1 (known on the host, no sync).
-        With `use_triton` the fused kernels replace the elementwise ops (a third of the launches).
-        """
-        n, t = input_ids.shape
-        valid = positions >= 0  # (N, T)
-        flat_pos = positions.clamp(min=0).reshape(-1)  # (N*T,)
-        flat_slot = torch.where(valid, slots[:, None], dummy_slot).reshape(-1)  # (N*T,)
-        if use_triton:
-            return self._prefill_fused(input_ids, positions, slots, flat_pos, flat_slot, k_cache, v_cache, max_end)
-        h = F.embedding(input_ids.reshape(-1), self.embed)  # (N*T, H)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(self._norm(h, layer.input_norm), layer, flat_pos)
-            kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
-            store_kv(kc, flat_slot, flat_pos, k)  # (N*T, KVH, D)
-            store_kv(vc, flat_slot, flat_pos, v)
-            q = q.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, NH, T, D)
-            o = prefill_attention(q, kc, vc, slots, positions, max_end=max_end)  # (N, NH, T, D)
-            o = o.transpose(1, 2).reshape(n * t, self.q_size)  # (N*T, NH*D)
-            h = h + F.linear(o, layer.o)  # (N*T, H)
-            h = h + self._mlp(self._norm(h, layer.post_norm), layer)  # (N*T, H)
-        return h.view(n, t, -1)
-
-    def _prefill_fused(self, input_ids, positions, slots, flat_pos, flat_slot, k_cache, v_cache, max_end):
-        """`prefill` with the decode step's Triton kernels, one row per prompt token."""
-        from . import kernels  # needs Triton
-
-        n, t = input_ids.shape
-        h, x = kernels.add_rms_norm(
-            F.embedding(input_ids.reshape(-1), self.embed), None, self.layers[0].input_norm, self.eps
-        )
-        for i, layer in enumerate(self.layers):
-            kc, vc = k_cache[i], v_cache[i]  # (S + 1, KVH, L, D) views
-            qkv = F.linear(x, layer.qkv)  # (N*T, (NH + 2 KVH) * D)
-            q = kernels.rope_and_cache(qkv, self.cos, self.sin, flat_pos, flat_slot, kc, vc, self.num_heads)
-            q = q.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, NH, T, D)
-            o = prefill_attention(q, kc, vc, slots, positions, max_end=max_end)  # (N, NH, T, D)
-            o = o.transpose(1, 2).reshape(n * t, self.q_size)  # (N*T, NH*D)
-            h, x = kernels.add_rms_norm(F.linear(o, layer.o), h, layer.post_norm, self.eps)
-            mlp = F.linear(kernels.silu_mul(F.linear(x, layer.gate_up)), layer.down)  # (N*T, H)
-            nxt = self.layers[i + 1].input_norm if i + 1 < self.num_layers else self.final_norm
-            h, x = kernels.add_rms_norm(mlp, h, nxt, self.eps)
-        return h.view(n, t, -1)
+        return x  # (B, H) after the final norm

@@ -20,11 +20,14 @@ from tqdm.auto import tqdm
 
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import ModelLoadError
+from pipecat_orpheus.format import FRAME_TOKENS
 
 from .attention import triton_available
 from .model import OrpheusLM
 from .request import Request, SamplingParams
-from .sampler import N_HEAD_ROWS, SamplingRows, noise_key, sample
+from pipecat_orpheus.noise import noise_key
+
+from .sampler import N_HEAD_ROWS, SamplingRows, sample
 from .scheduler import PrefillChunk
 
 _IN_ROWS = 5  # decode input block: slot, token, position, num_generated, noise_step
@@ -75,6 +78,7 @@ class ModelRunner:
         self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
+        self._pad_rows = np.array([[self.dummy_slot], [0], [0], [0], [0]], dtype=np.int64)  # (5, 1) padding rows
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -107,6 +111,12 @@ class ModelRunner:
         self._dev_in = torch.zeros(_IN_ROWS, s, dtype=torch.int64, device=self.device)  # (5, S + 1)
         self._dev_out = torch.zeros(2 * s, dtype=torch.int64, device=self.device)  # (2 (S + 1),) decode, then prefill
         self._host_out = torch.zeros(2 * s, dtype=torch.int64, pin_memory=pin)  # (2 (S + 1),)
+        # prefill I/O: ids | positions | slots per prompt token (T padded), then rows | slots | noise steps per
+        # completed prompt (at most one per slot); the scheduler keeps a step's tokens within prefill_chunk_tokens
+        self.prefill_capacity = -(-self.config.prefill_chunk_tokens // _PREFILL_PAD) * _PREFILL_PAD
+        size = 3 * self.prefill_capacity + 3 * s
+        self._host_pf = torch.zeros(size, dtype=torch.int64, pin_memory=pin)  # (3 T_max + 3 (S + 1),)
+        self._dev_pf = torch.zeros(size, dtype=torch.int64, device=self.device)  # (3 T_max + 3 (S + 1),)
         self._done = torch.cuda.Event() if pin else None
 
     # -- per-slot state ----------------------------------------------------------------------
@@ -136,14 +146,12 @@ class ModelRunner:
         if n:
             bucket = self._bucket(n)
             host = self._host_in.numpy()  # (5, S + 1) view of the pinned block
-            host[:, :n] = [
-                [r.slot for r in decode],
-                [r.last_token for r in decode],
-                [r.num_prompt_tokens + r.num_generated - 1 for r in decode],
-                [r.num_generated for r in decode],
-                [r.num_generated_total for r in decode],
-            ]
-            host[:, n:bucket] = [[self.dummy_slot], [0], [0], [0], [0]]
+            host[:, :n] = np.array(
+                [(r.slot, r.last_token, r.num_prompt_tokens + r.num_generated - 1, r.num_generated,
+                  r.num_generated_total) for r in decode],
+                dtype=np.int64,
+            ).T  # fmt: skip
+            host[:, n:bucket] = self._pad_rows
             self._dev_in[:, :bucket].copy_(self._host_in[:, :bucket], non_blocking=True)
             if bucket in self._graphs:
                 self._graphs[bucket].replay()
@@ -153,7 +161,7 @@ class ModelRunner:
         self._host_out[: bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
         if self._done is not None:
             self._done.record()
-            self._done.synchronize()
+            self._done.synchronize()  # releases the GIL while the GPU works
         tokens = self._host_out.numpy()
         return tokens[:n].copy(), tokens[bucket : bucket + m].copy()
 
@@ -184,84 +192,73 @@ class ModelRunner:
         self._dev_out[:bs] = out.token_ids
 
     def _prefill(self, chunks: list[PrefillChunk], *, offset: int) -> int:
-        """Prefill `chunks` (eager); the first tokens of completed prompts go to `_dev_out[offset:]`.
+        """Prefill `chunks` (eager, one flat row per prompt token); first tokens go to `_dev_out[offset:]`.
 
-        Every host input travels in one pinned non-blocking copy, so launching the prefill never
-        waits for the decode graph queued before it.
+        Every host input travels in one non-blocking copy from a persistent pinned block, so
+        launching the prefill never waits for the decode graph queued before it, and a new
+        request allocates nothing on the host or the device.
         """
         for c in chunks:
             if c.start == 0:
                 self.start_piece(c.request.slot, c.request.sampling, c.request.seed)
-        n = len(chunks)
-        t = -(-max(c.end - c.start for c in chunks) // _PREFILL_PAD) * _PREFILL_PAD
-        last = [i for i, c in enumerate(chunks) if c.last]
-        m = len(last)
-        packed = np.zeros(2 * n * t + n + 3 * m, dtype=np.int64)  # ids | positions | slots | rows | cols | steps
-        ids, positions = packed[: n * t].reshape(n, t), packed[n * t : 2 * n * t].reshape(n, t)  # (N, T) views
-        positions[:] = -1  # padding
-        for i, c in enumerate(chunks):
-            ids[i, : c.end - c.start] = c.request.prompt[c.start : c.end]
-            positions[i, : c.end - c.start] = np.arange(c.start, c.end)
-        tail = packed[2 * n * t :]
-        tail[:n] = [c.request.slot for c in chunks]
-        tail[n : n + m] = last
-        tail[n + m : n + 2 * m] = [chunks[i].end - chunks[i].start - 1 for i in last]
-        tail[n + 2 * m :] = [chunks[i].request.num_generated_total for i in last]
-        dev = self._upload(packed)  # (2NT + N + 3M,)
-        dev_ids, dev_pos = dev[: n * t].view(n, t), dev[n * t : 2 * n * t].view(n, t)  # (N, T)
-        slots, rows, cols, noise_step = dev[2 * n * t :].split([n, m, m, m])
-        hidden = self.lm.prefill(
-            dev_ids,
-            dev_pos,
-            slots,
+        total = sum(c.end - c.start for c in chunks)
+        t = -(-total // _PREFILL_PAD) * _PREFILL_PAD  # padded: the GEMM shapes are few and warmed up
+        if t > self.prefill_capacity:
+            raise ValueError(f"{total} prefill tokens in one step exceed engine.prefill_chunk_tokens")
+        host = self._host_pf.numpy()  # (3 T_max + 3 (S + 1),) view of the pinned block
+        ids, pos, slot = host[:t], host[t : 2 * t], host[2 * t : 3 * t]  # (T,) views
+        done: list[tuple[int, int, int]] = []  # (flat row, slot, noise step) of each completed prompt
+        i = 0
+        for c in chunks:
+            k = c.end - c.start
+            ids[i : i + k] = c.request.prompt[c.start : c.end]
+            pos[i : i + k] = np.arange(c.start, c.end)
+            slot[i : i + k] = c.request.slot
+            i += k
+            if c.last:
+                done.append((i - 1, c.request.slot, c.request.num_generated_total))
+        ids[i:], pos[i:], slot[i:] = 0, 0, self.dummy_slot  # padding tokens write to the dummy slot
+        m = len(done)
+        if m:
+            host[3 * t : 3 * t + 3 * m] = np.array(done, dtype=np.int64).T.reshape(-1)  # rows | slots | steps
+        self._dev_pf[: 3 * t + 3 * m].copy_(self._host_pf[: 3 * t + 3 * m], non_blocking=True)
+        dev = self._dev_pf
+        x = self.lm.prefill(
+            dev[:t],
+            dev[t : 2 * t],
+            dev[2 * t : 3 * t],
             self.k_cache,
             self.v_cache,
-            dummy_slot=self.dummy_slot,
-            max_end=max(c.end for c in chunks),
+            max_len=max(c.end for c in chunks),
             use_triton=self.use_triton,
-        )  # (N, T, H)
+        )  # (T, H)
         if not m:
             return 0
-        logits = self.lm.logits(hidden[rows, cols])  # (M, head rows)
-        first = slots[rows]  # (M,)
+        rows, first, noise_step = dev[3 * t : 3 * t + 3 * m].view(3, m)  # (M,) each
+        logits = self.lm.head_logits(x[rows])  # (M, head rows)
         zeros = torch.zeros_like(first)  # (M,) the first token of a piece
         out = sample(logits, self.presence[first], self._rows(first, zeros, noise_step))
         self.presence.index_put_((first, out.head_rows), self._true)
         self._dev_out[offset : offset + m] = out.token_ids
         return m
 
-    def _upload(self, array: np.ndarray) -> torch.Tensor:
-        """A host array on the device without a sync: pinned staging (cached by torch), non-blocking copy."""
-        host = torch.from_numpy(array)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
-
     @torch.inference_mode()
     def warm_up_prefill(self) -> None:
-        """Run prefill and first-token sampling once per padded shape, so no caller pays for first use."""
-        if self.device.type != "cuda":
-            return
-        longest = min(self.config.prefill_chunk_tokens, 256, self.max_len)
-        with torch.cuda.stream(self._stream):
-            for n in (1, 2, 4):
-                for t in range(_PREFILL_PAD, longest + 1, _PREFILL_PAD):
-                    ids = torch.zeros(n, t, dtype=torch.int64, device=self.device)  # (N, T)
-                    pos = torch.arange(t, device=self.device).expand(n, t)  # (N, T)
-                    slots = torch.full((n,), self.dummy_slot, device=self.device)  # (N,)
-                    hidden = self.lm.prefill(
-                        ids,
-                        pos,
-                        slots,
-                        self.k_cache,
-                        self.v_cache,
-                        dummy_slot=self.dummy_slot,
-                        max_end=t,
-                        use_triton=self.use_triton,
-                    )  # (N, T, H)
-                    logits = self.lm.logits(hidden[:, -1])  # (N, head rows)
-                    sample(logits, self.presence[slots], self._rows(slots, torch.zeros_like(slots), slots))
-        torch.cuda.synchronize(self.device)
+        """Run the prefill step once per padded length (and a few prompt counts) on the dummy slot.
+
+        Every shape a caller's prefill can take is then warmed up (cuBLAS plans, caching-allocator
+        blocks, Triton specialisations), so no request pays for a first use.
+        """
+        dummy = SamplingParams(max_tokens=FRAME_TOKENS)
+        shapes = [(1, t) for t in range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD)]
+        shapes += [(m, _PREFILL_PAD) for m in (2, 4, 8) if m * _PREFILL_PAD <= self.prefill_capacity]
+        for m, t in shapes:
+            chunks = []
+            for j in range(m):
+                request = Request(f"warm-up-{j}", [[0] * t], dummy, seed=j)
+                request.slot = self.dummy_slot
+                chunks.append(PrefillChunk(request, 0, t))
+            self.step([], chunks)
 
     # -- CUDA graphs -------------------------------------------------------------------------
 
@@ -271,7 +268,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         ladder = graph_ladder(self.max_slots)
-        self._host_in[:] = torch.tensor([[self.dummy_slot], [0], [0], [0], [0]])
+        self._host_in[:] = torch.from_numpy(self._pad_rows)
         self._dev_in.copy_(self._host_in)
         pool = None
         for bs in tqdm(list(reversed(ladder)), desc="Capturing CUDA graphs", unit="graph"):

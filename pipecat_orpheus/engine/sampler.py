@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from pipecat_orpheus.noise import M32, hash32, uniform24
 from pipecat_orpheus.format import AUDIO_TOKEN_END, AUDIO_TOKEN_OFFSET, CODEBOOK_SIZE, END_OF_SPEECH, FRAME_TOKENS
 
 N_AUDIO_ROWS = AUDIO_TOKEN_END - AUDIO_TOKEN_OFFSET  # 28672 = 7 positions * 4096 codes
 N_HEAD_ROWS = N_AUDIO_ROWS + 1  # + END_OF_SPEECH, the last head row
 EOS_ROW = N_AUDIO_ROWS  # head-row index of END_OF_SPEECH
 WINDOW = CODEBOOK_SIZE + 1  # a row's allowed choices: its codebook position's 4096 codes + END_OF_SPEECH
-_M32 = 0xFFFFFFFF  # the noise hash works on 32-bit words held in int64
 
 
 def head_token_ids() -> torch.Tensor:
@@ -51,32 +51,11 @@ class Sampled:
     head_rows: torch.Tensor  # (B,) int64
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x < 2**32 without int64 overflow: c split into 16-bit halves."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """Chris Wellons' lowbias32 integer hash of int64 tensors holding 32-bit words."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def noise_key(seed: int) -> int:
-    """The 32-bit sampling-noise key of a request seed (plain Python, at request setup)."""
-    t = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64)
-    return int(hash32(hash32(t[:1]) ^ t[1:]))
-
-
 def gumbel_noise(noise_key: torch.Tensor, noise_step: torch.Tensor, width: int) -> torch.Tensor:
     """Gumbel(0, 1) noise, a pure function of (key, step, column): (B, width) float32."""
     cols = torch.arange(width, device=noise_key.device)  # (width,)
-    counter = (noise_step[:, None] * width + cols[None, :]) & _M32  # (B, width)
-    h = hash32(noise_key[:, None] ^ hash32(counter))  # (B, width)
-    u = ((h >> 8).float() + 0.5) / 2**24  # (B, width) in (0, 1): 24 bits are exact in float32
+    counter = (noise_step[:, None] * width + cols[None, :]) & M32  # (B, width)
+    u = uniform24(hash32(noise_key[:, None] ^ hash32(counter)))  # (B, width) in (0, 1)
     return -torch.log(-torch.log(u))
 
 

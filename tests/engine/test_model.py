@@ -81,24 +81,16 @@ def test_chunked_prefill_and_decode_match_transformers(llm):
     split = 6
     with torch.inference_mode():
         lm.prefill(
-            torch.tensor([prompts[0][:split]]),
-            torch.arange(split)[None],
-            slots[:1],
-            k_cache,
-            v_cache,
-            dummy_slot=2,
-            max_end=split,
-        )
+            torch.tensor(prompts[0][:split]), torch.arange(split), torch.full((split,), 1), k_cache, v_cache,
+            max_len=split,
+        )  # fmt: skip
+        # one flat step: the rest of prompt 0 (slot 1), all of prompt 1 (slot 0), two padding tokens (dummy slot 2)
         rest = prompts[0][split:]
-        t = max(len(rest), len(prompts[1]))
-        ids = torch.zeros(2, t, dtype=torch.long)
-        pos = torch.full((2, t), -1)
-        ids[0, : len(rest)] = torch.tensor(rest)
-        pos[0, : len(rest)] = torch.arange(split, len(prompts[0]))
-        ids[1, : len(prompts[1])] = torch.tensor(prompts[1])
-        pos[1, : len(prompts[1])] = torch.arange(len(prompts[1]))
-        hidden = lm.prefill(ids, pos, slots, k_cache, v_cache, dummy_slot=2, max_end=len(prompts[0]))
-        last = lm.logits(torch.stack([hidden[0, len(rest) - 1], hidden[1, len(prompts[1]) - 1]]))
+        ids = torch.tensor([*rest, *prompts[1], 0, 0])  # (T,)
+        pos = torch.tensor([*range(split, len(prompts[0])), *range(len(prompts[1])), 0, 0])  # (T,)
+        tok_slots = torch.tensor([1] * len(rest) + [0] * len(prompts[1]) + [2, 2])  # (T,)
+        hidden = lm.prefill(ids, pos, tok_slots, k_cache, v_cache, max_len=len(prompts[0]))  # (T, H)
+        last = lm.head_logits(hidden[[len(rest) - 1, len(rest) + len(prompts[1]) - 1]])  # (2, head rows)
         nxt = torch.tensor([fmt.audio_token(0, 7), fmt.audio_token(0, 9)])
         positions = torch.tensor([len(prompts[0]), len(prompts[1])])
         step = lm.decode(nxt, positions, slots, k_cache, v_cache, max_len=64, use_triton=False)
@@ -131,9 +123,7 @@ def test_fused_decode_kernels_match_plain_decode(llm):
     logits = []
     with torch.inference_mode():
         for (kc, vc), fused in zip(caches, (False, True), strict=False):
-            lm.prefill(
-                torch.tensor([prompt]), torch.arange(n)[None], slots, kc, vc, dummy_slot=2, max_end=n, use_triton=fused
-            )
+            lm.prefill(torch.tensor(prompt), torch.arange(n), slots.repeat(n), kc, vc, max_len=n, use_triton=fused)
             nxt = torch.tensor([fmt.audio_token(0, 3)])
             logits.append(lm.decode(nxt, torch.tensor([n]), slots, kc, vc, max_len=n + 1, use_triton=fused))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -109,10 +109,10 @@ def test_fp8_kv_cache_halves_memory_and_stays_close(setup):
         n = len(prompts[1])
         with torch.inference_mode():
             hidden = lm.prefill(
-                torch.tensor([prompts[1]]), torch.arange(n)[None], torch.tensor([0]), runner.k_cache, runner.v_cache,
-                dummy_slot=2, max_end=n,
+                torch.tensor(prompts[1]), torch.arange(n), torch.zeros(n, dtype=torch.long), runner.k_cache,
+                runner.v_cache, max_len=n,
             )  # fmt: skip
-            logits.append(lm.logits(hidden[:, -1]))
+            logits.append(lm.head_logits(hidden[-1:]))
     exact, fp8 = logits
     assert (exact - fp8).norm() / exact.norm() < 0.1
     assert ModelRunner(

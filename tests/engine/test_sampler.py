@@ -8,10 +8,11 @@ from pipecat_orpheus.engine.sampler import (
     SamplingRows,
     apply_repetition_penalty,
     apply_top_p,
+    gumbel_noise,
     head_token_ids,
-    noise_key,
     sample,
 )
+from pipecat_orpheus.noise import noise_key
 
 
 def rows(b, *, temperature=0.6, top_p=0.8, penalty=1.1, gen=None, step=None, keys=None, min_tokens=0):
@@ -124,3 +125,11 @@ def test_draws_follow_the_softmax_distribution():
     )
     freq = torch.bincount(out.head_rows, minlength=3)[:3].float() / n
     torch.testing.assert_close(freq, probs, atol=0.05, rtol=0)
+
+
+def test_noise_is_pinned_to_its_published_values():
+    """Noise keys and Gumbel noise keep their values (a change would alter every seeded request's tokens)."""
+    assert [noise_key(s) for s in (0, 42, 2**40 + 7)] == [0, 1612446537, 2730658764]
+    g = gumbel_noise(torch.tensor([noise_key(42)]), torch.tensor([3]), 4097)  # (1, 4097)
+    assert g[0, :3].tolist() == [-0.2517005205154419, 1.459502935409546, 0.7430559992790222]
+    assert abs(float(g.sum()) - 2157.260986328125) < 1e-3
