@@ -7,10 +7,8 @@ time. The serving entry (`start_server`) is the one the container runs in `@moda
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
-import sys
 import tomllib
 import urllib.error
 import urllib.request
@@ -25,6 +23,7 @@ from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus import protocol as p
 from pipecat_orpheus.config import Config, ModelConfig, load_config
+from tests.helpers import load_script
 from tests.test_voice_agent import bot, llm_reply, run_agent, whisper_dir, whisper_flags  # noqa: F401 (fixtures)
 
 pytest.importorskip("modal", reason="modal is not installed: pip install -e '.[modal]'")
@@ -37,11 +36,7 @@ KEYS_ENV = "ORPHEUS_TEST_MODAL_KEYS"  # a variable of this test only, so a devel
 
 def load_app() -> ModuleType:
     """Import modal_deploy/app.py as Modal does (a file, not a package)."""
-    spec = importlib.util.spec_from_file_location("modal_deploy_app", APP_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(APP_PATH, "modal_deploy_app")
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.synthesizer import load_synthesizer
+from tests.helpers import load_script
 
 BOT_PATH = Path(__file__).resolve().parent.parent / "examples" / "voice_agent" / "bot.py"
 SHORT_TOKENS = 28  # 4 SNAC frames per sentence: a whole reply in well under a second on CPU
@@ -59,11 +60,7 @@ REPLY = ("Oh, hello there! ", "<laugh> ", "It is nice ", "to meet you.")
 
 def load_bot() -> ModuleType:
     """Import examples/voice_agent/bot.py as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("voice_agent_bot", BOT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BOT_PATH, "voice_agent_bot")
 
 
 @pytest.fixture(scope="module")
