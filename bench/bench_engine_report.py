@@ -9,10 +9,85 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+SAMPLE_RATE = 24000  # format.SAMPLE_RATE (this file runs without the package too, to redraw a plot)
+TOKENS_PER_SECOND = 7 * SAMPLE_RATE / 2048  # format.TOKENS_PER_SECOND: one 7-token frame per 2048 samples
+
+
+def level_stats(streams: list[tuple], wall_s: float) -> dict:
+    """Per-level figures from each stream's (submit time, chunk arrival times, chunk sizes, engine marks).
+
+    A chunk is late (an underrun) if it arrives after the audio before it has finished playing,
+    playback starting when the first chunk arrives.
+    """
+    ttfb, gaps, rtf, underruns, late_ms = [], [], [], 0, []
+    for t0, arr, sizes, _ in streams:
+        ttfb.append((arr[0] - t0) * 1e3)
+        gaps.extend(np.diff(arr) * 1e3)
+        played = arr[0] + np.concatenate([[0], np.cumsum(sizes)[:-1]]) / SAMPLE_RATE  # when each chunk is due
+        late = arr - played
+        underruns += int((late[1:] > 0).sum())
+        late_ms.append(float(late.max()) * 1e3)
+        rtf.append(sizes.sum() / SAMPLE_RATE / (arr[-1] - t0))
+    token_ms, frame_ms = [m[0] for *_, m in streams], [m[1] for *_, m in streams]
+    return {
+        "streams": len(streams),
+        "audio_s_per_stream": float(np.median([s.sum() for _, _, s, _ in streams]) / SAMPLE_RATE),
+        "ttfb_ms_p50": float(np.percentile(ttfb, 50)),
+        "ttfb_ms_p95": float(np.percentile(ttfb, 95)),
+        "first_token_ms_p50": float(np.percentile(token_ms, 50)),
+        "first_token_ms_p95": float(np.percentile(token_ms, 95)),
+        "first_frame_ms_p50": float(np.percentile(frame_ms, 50)),
+        "first_frame_ms_p95": float(np.percentile(frame_ms, 95)),
+        "gap_ms_p50": float(np.percentile(gaps, 50)) if gaps else 0.0,
+        "gap_ms_p99": float(np.percentile(gaps, 99)) if gaps else 0.0,
+        "rtf_median": float(np.median(rtf)),
+        "rtf_min": float(np.min(rtf)),
+        "underruns": underruns,
+        "streams_with_underrun": sum(1 for m in late_ms if m > 0),
+        "worst_lateness_ms": float(max(late_ms)),
+        "wall_s": wall_s,
+    }
+
+
+def summarize(result: dict) -> None:
+    """Add the headline figures and the ratios to the baselines and the floor to `result`."""
+    levels = result["levels"]
+    ok = [lv["streams"] for lv in levels if lv["underruns"] == 0]
+    by = {lv["streams"]: lv for lv in levels}
+    single = by.get(1, {})
+    lone = ([single["ttfb_ms_p50"]] if single else []) + result.get("ttfb_probe_1", {}).get("ttfb_ms", [])
+    base = result["baselines"]
+    result.update({
+        "max_realtime_streams": max(ok) if ok else 0,
+        "ttfb_ms_p50_1": float(np.median(lone)) if lone else None,  # level 1 and the lone-request probe
+        "ttfb_ms_p95_128": by.get(128, {}).get("ttfb_ms_p95"),
+        "single_stream_rtf": single.get("rtf_median"),
+        "engine_tok_s_bs64": by.get(64, {}).get("tok_s"),
+        "baseline_static_tok_s_bs64": base.get("baseline_static_tok_s_bs64"),
+        "baseline_eager_tok_s_bs1": base.get("baseline_eager_tok_s_bs1"),
+    })  # fmt: skip
+    for buffer_ms in (100, 250):  # the same, for a player that buffers this much before it starts
+        fits = [lv["streams"] for lv in levels if lv["worst_lateness_ms"] <= buffer_ms]
+        result[f"max_realtime_streams_{buffer_ms}ms_buffer"] = max(fits) if fits else 0
+    ratios = {}
+    if result["engine_tok_s_bs64"] and result["baseline_static_tok_s_bs64"]:
+        ratios["engine_vs_static_bs64"] = result["engine_tok_s_bs64"] / result["baseline_static_tok_s_bs64"]
+        ratios["engine_vs_eager_bs64"] = result["engine_tok_s_bs64"] / base["baseline_eager_tok_s_bs64"]
+    if single and result["baseline_eager_tok_s_bs1"]:
+        single_tok_s = single["rtf_median"] * TOKENS_PER_SECOND
+        ratios["engine_vs_eager_bs1"] = single_tok_s / result["baseline_eager_tok_s_bs1"]
+        ratios["engine_vs_static_bs1"] = single_tok_s / base["baseline_static_tok_s_bs1"]
+        ratios["single_stream_vs_floor"] = single_tok_s / result["floor"]["single_stream_floor_tok_s"]
+    result["ratios"] = ratios
+
 
 def summary_table(result: dict) -> str:
     lines = [
-        f"device {result['device']}  |  max real-time streams: {result['max_realtime_streams']}",
+        f"device {result['device']}  |  max real-time streams: {result['max_realtime_streams']}  |  "
+        f"first audio p50, 1 stream: {result.get('ttfb_ms_p50_1') or float('nan'):.1f} ms  |  "
+        f"one stream: {result.get('single_stream_rtf') or float('nan'):.2f}x real time",
         f"{'streams':>7} {'ttfb p50':>9} {'ttfb p95':>9} {'gap p99':>8} {'rtf med':>8} {'rtf min':>8} "
         f"{'underruns':>9} {'tok/s':>8} {'step ms':>8} {'mem GiB':>8}",
     ]

@@ -16,6 +16,7 @@ faults  a request that fails for real (prompt too long for a slot), clients kill
         mid-utterance, SIGTERM of a real `pipecat-orpheus serve` mid-utterance (drain), a server
         restart under an `OrpheusClient`, the KV-cache-does-not-fit message;
 soak    churn at full concurrency (connect, speak, read/cancel/abort, disconnect).
+baseline (first) the good clients alone, the reference for their TTFA under abuse.
 
 After each phase: engine slots back to 0, no asyncio task left over, /healthz 200.
 
@@ -471,11 +472,12 @@ async def run_floods(bench: Bench, cfg, scale: int) -> dict:
     floods = [await guarded(bench, "text flood", text_flood(bench, 500 * scale)) for _ in range(4)]
     floods = [f for f in floods if f is not None]
     out["text_flood_errors"] = {k: sum(f.get(k, 0) for f in floods) for k in set().union(*floods)}
-    out["slow_readers_closed_after_s"] = await guarded(bench, "slow readers", slow_readers(bench, port, 4))
+    slow = await guarded(bench, "slow readers", slow_readers(bench, port, 4))
+    out["slow_readers_closed_after_s"] = round(slow, 2) if slow is not None else None
     silent = await guarded(bench, "silent", asyncio.gather(*(silent_peer(port, True) for _ in range(8))))
     half_open = await guarded(bench, "half-open", asyncio.gather(*(silent_peer(port, False) for _ in range(8))))
-    out["silent_peer_dropped_after_s"] = max(silent) if silent else None
-    out["half_open_dropped_after_s"] = max(half_open) if half_open else None
+    out["silent_peer_dropped_after_s"] = round(max(silent), 2) if silent else None
+    out["half_open_dropped_after_s"] = round(max(half_open), 2) if half_open else None
     storms = await guarded(bench, "cancels", asyncio.gather(*(cancel_storm(bench, 5 * scale, 50) for _ in range(4))))
     out["cancels_answered"] = sum(storms or [])
     await guarded(bench, "rapid", asyncio.gather(*(rapid(bench, 50 * scale) for _ in range(8))))
@@ -608,7 +610,7 @@ async def run_faults(bench: Bench, cfg, model_dir: Path, scale: int) -> dict:
     poisoned = await guarded(bench, "poison", asyncio.gather(*(poison(bench) for _ in range(4 * scale))))
     out = {"poison_errors": sum(poisoned or [])}
     killed = [await guarded(bench, "killed client", killed_client(bench)) for _ in range(3)]
-    out["killed_client_dropped_after_s"] = max((k for k in killed if k is not None), default=None)
+    out["killed_client_dropped_after_s"] = round(max((k for k in killed if k is not None), default=-1), 3)
     out["restart"] = await guarded(bench, "restart", restart_under_client(bench, cfg, 3 * scale))
     out["sigterm"] = s = await guarded(bench, "sigterm", sigterm_drain(model_dir, cfg.engine.backend))
     if s and not (s["done_before_close"] and s["close_code"] == 1001 and s["exit_code"] == 0):
@@ -733,6 +735,7 @@ async def main(args) -> dict:
     asyncio.get_running_loop().set_exception_handler(on_unhandled)
     phases = {}
     try:
+        phases["baseline"] = await bench.phase("baseline", lambda: asyncio.sleep(args.baseline_s))  # no abuse
         phases["fuzz"] = await bench.phase("fuzz", lambda: run_fuzz(bench, cfg.limits, args.fuzz_frames, args.seed))
         phases["auth"] = await bench.phase("auth", lambda: run_auth(bench, args.auth_attempts))
         phases["floods"] = await bench.phase("floods", lambda: run_floods(bench, cfg, args.scale))
@@ -777,6 +780,7 @@ if __name__ == "__main__":
     parser.add_argument("--good", type=int, default=4, help="well-behaved clients running through every phase")
     parser.add_argument("--backend", default=load_config().engine.backend, choices=("batched", "reference"))
     parser.add_argument("--model-dir", default=None, help="a directory with llm/ and snac/ (default: a tiny model)")
+    parser.add_argument("--baseline-s", type=float, default=20, help="good clients alone, for reference TTFA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/reliability.json")
     args = parser.parse_args()

@@ -301,6 +301,58 @@ async def test_a_failing_request_fails_alone(config, synth, expected):
         await idle(server, synth)
 
 
+class FailsMidStream:
+    """Test-only `Synthesizer`: the real engine, except that a text starting with FAIL breaks after one chunk.
+
+    The fault enters where a broken device or codec would surface it, on the request's own
+    `AudioStream` (finish with an error), and the engine is told to drop the request.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def submit(self, text, **kwargs):
+        stream = self.engine.submit(text, **kwargs)
+        if text.startswith("FAIL"):
+            put = stream.put
+
+            def put_then_fail(pcm):
+                put(pcm)
+                stream.finish(RuntimeError("injected device fault"))
+                self.engine.cancel(stream.request_id)
+
+            stream.put = put_then_fail
+        return stream
+
+    @property
+    def active_requests(self):
+        return self.engine.active_requests
+
+    @property
+    def queued_requests(self):
+        return self.engine.queued_requests
+
+    def close(self):
+        pass
+
+
+async def test_a_request_failing_mid_stream_fails_alone(config, synth, expected):
+    """A request whose audio breaks mid-stream ends with Error{internal}; its stream and every other go on."""
+    async with serve(config, FailsMidStream(synth), port=0, api_keys=[]) as server:
+        async with connect(server.url) as ws:
+            await ws.recv()
+            other = asyncio.create_task(good_client(server.url, 3))
+            await ws.send(pack(type="Speak", text="FAIL " + LONG, id="bad"))
+            got = [p.decode_server(await ws.recv())]
+            while not isinstance(got[-1], p.Error):
+                got.append(p.decode_server(await ws.recv()))
+            assert got[0].type == "Audio" and (got[-1].code, got[-1].id) == ("internal", "bad")
+            assert "injected device fault" in got[-1].message
+            assert (await utterance(ws, "ok"))[0] == expected
+            assert await other == [expected] * 3
+        await idle(server, synth)
+
+
 KILLED_CLIENT = """
 import asyncio, sys, msgpack
 from websockets.asyncio.client import connect

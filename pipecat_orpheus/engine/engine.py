@@ -135,7 +135,9 @@ class OrpheusEngine:
         stream = AudioStream(f"orpheus-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
         return self._submit_prompts(prompts, sampling, stream)
 
-    def _submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams, stream) -> AudioStream:
+    def _submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, stream, *, lookahead: int | None = None
+    ) -> AudioStream:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         request = Request(stream.request_id, prompts, sampling, seed, stream=stream, arrival_s=time.perf_counter())
         with self._cond:
@@ -143,7 +145,8 @@ class OrpheusEngine:
                 raise RuntimeError("OrpheusEngine is closed")
             self.scheduler.admit(request)  # raises EngineBusy (or ConfigError for a prompt too long)
             self._requests[request.request_id] = request
-            lookahead = first_lookahead(self.step_s, self.codec.config.lookahead_frames)
+            if lookahead is None:
+                lookahead = first_lookahead(self.step_s, self.codec.config.lookahead_frames)
             self._codec_streams[request.request_id] = self.codec.open_stream(seed, first_lookahead=lookahead)
             self._cond.notify()
         return stream
@@ -183,23 +186,32 @@ class OrpheusEngine:
         self.codec_worker.close()
 
     def warm_up(self) -> None:
-        """Run one short request end to end so the first caller pays no compile or allocation cost."""
-        done = threading.Event()
+        """Run short requests end to end so the first caller pays no compile or allocation cost.
+
+        One per first-window lookahead the policy can pick: each is a window shape the codec
+        worker decodes eagerly, and its first use (cuDNN plans) would land on a caller's first audio.
+        """
 
         class _Sink:
-            request_id = "warm-up"
             cancelled = False
+
+            def __init__(self, request_id: str):
+                self.request_id = request_id
+                self.done = threading.Event()
 
             def put(self, pcm: np.ndarray) -> None:
                 pass
 
             def finish(self, error: BaseException | None = None) -> None:
-                done.set()
+                self.done.set()
 
         prompt = fmt.build_prompt(self.tokenizer, "Warm up.", self.config.voices.default)
         frames = 4 * fmt.FRAME_TOKENS  # enough for the codec's first windows; END_OF_SPEECH masked until then
-        self._submit_prompts([prompt], SamplingParams(max_tokens=frames, min_tokens=frames), _Sink())
-        done.wait()
+        sampling = SamplingParams(max_tokens=frames, min_tokens=frames)
+        for lookahead in range(self.codec.config.lookahead_frames + 1):
+            sink = _Sink(f"warm-up-{lookahead}")
+            self._submit_prompts([prompt], sampling, sink, lookahead=lookahead)
+            sink.done.wait()
         self.codec_worker.wait_idle()
 
     # -- the step thread -----------------------------------------------------------------------

@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import ModelLoadError
 from pipecat_orpheus.format import FRAME_TOKENS
+from pipecat_orpheus.noise import noise_key
 
 from .attention import triton_available
 from .model import OrpheusLM
 from .request import Request, SamplingParams
-from pipecat_orpheus.noise import noise_key
-
 from .sampler import N_HEAD_ROWS, SamplingRows, sample
 from .scheduler import PrefillChunk
 
@@ -78,6 +77,7 @@ class ModelRunner:
         self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
+        self._prev_decode: list[Request] = []  # the last step's decode rows (kept: their inputs update in place)
         self._pad_rows = np.array([[self.dummy_slot], [0], [0], [0], [0]], dtype=np.int64)  # (5, 1) padding rows
 
     # -- memory ------------------------------------------------------------------------------
@@ -143,14 +143,22 @@ class ModelRunner:
     def _step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
         n = len(decode)
         bucket = 0
+        prev, self._prev_decode = self._prev_decode, []
         if n:
             bucket = self._bucket(n)
             host = self._host_in.numpy()  # (5, S + 1) view of the pinned block
-            host[:, :n] = np.array(
-                [(r.slot, r.last_token, r.num_prompt_tokens + r.num_generated - 1, r.num_generated,
-                  r.num_generated_total) for r in decode],
-                dtype=np.int64,
-            ).T  # fmt: skip
+            if n == len(prev) and all(a is b for a, b in zip(decode, prev, strict=True)):
+                # the same rows as the last step, each one token further (an END_OF_SPEECH leaves the batch)
+                host[1, :n] = self._host_out.numpy()[:n]  # the tokens that step sampled
+                host[2:, :n] += 1  # position, num_generated, num_generated_total
+            else:
+                host[:, :n] = [
+                    [r.slot for r in decode],
+                    [r.last_token for r in decode],
+                    [r.num_prompt_tokens + r.num_generated - 1 for r in decode],
+                    [r.num_generated for r in decode],
+                    [r.num_generated_total for r in decode],
+                ]
             host[:, n:bucket] = self._pad_rows
             self._dev_in[:, :bucket].copy_(self._host_in[:, :bucket], non_blocking=True)
             if bucket in self._graphs:
@@ -163,6 +171,7 @@ class ModelRunner:
             self._done.record()
             self._done.synchronize()  # releases the GIL while the GPU works
         tokens = self._host_out.numpy()
+        self._prev_decode = list(decode)
         return tokens[:n].copy(), tokens[bucket : bucket + m].copy()
 
     def _bucket(self, n: int) -> int:
@@ -243,18 +252,25 @@ class ModelRunner:
         return m
 
     @torch.inference_mode()
-    def warm_up_prefill(self) -> None:
+    def warm_up_prefill(self, *, force: bool = False) -> None:
         """Run the prefill step once per padded length (and a few prompt counts) on the dummy slot.
 
         Every shape a caller's prefill can take is then warmed up (cuBLAS plans, caching-allocator
-        blocks, Triton specialisations), so no request pays for a first use.
+        blocks, Triton specialisations), so no request pays for a first use. GPU only (on a CPU
+        there is nothing to warm up) unless `force`.
         """
+        if self.device.type != "cuda" and not force:
+            return
         dummy = SamplingParams(max_tokens=FRAME_TOKENS)
-        shapes = [(1, t) for t in range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD)]
-        shapes += [(m, _PREFILL_PAD) for m in (2, 4, 8) if m * _PREFILL_PAD <= self.prefill_capacity]
-        for m, t in shapes:
+        longest = self.max_len // _PREFILL_PAD * _PREFILL_PAD  # one chunk's positions stay inside a slot
+        lengths = [[t] for t in range(_PREFILL_PAD, min(self.prefill_capacity, longest) + 1, _PREFILL_PAD)]
+        lengths += [[_PREFILL_PAD] * m for m in (2, 4, 8) if m * _PREFILL_PAD <= self.prefill_capacity]
+        lengths += [
+            [longest] * (t // longest) for t in range(longest + _PREFILL_PAD, self.prefill_capacity + 1, longest)
+        ]
+        for chunk_lengths in lengths:
             chunks = []
-            for j in range(m):
+            for j, t in enumerate(chunk_lengths):
                 request = Request(f"warm-up-{j}", [[0] * t], dummy, seed=j)
                 request.slot = self.dummy_slot
                 chunks.append(PrefillChunk(request, 0, t))

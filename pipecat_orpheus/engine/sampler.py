@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipecat_orpheus.noise import M32, hash32, uniform24
 from pipecat_orpheus.format import AUDIO_TOKEN_END, AUDIO_TOKEN_OFFSET, CODEBOOK_SIZE, END_OF_SPEECH, FRAME_TOKENS
+from pipecat_orpheus.noise import M32, hash32, uniform24
 
 N_AUDIO_ROWS = AUDIO_TOKEN_END - AUDIO_TOKEN_OFFSET  # 28672 = 7 positions * 4096 codes
 N_HEAD_ROWS = N_AUDIO_ROWS + 1  # + END_OF_SPEECH, the last head row

@@ -8,8 +8,8 @@ from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
 from pipecat_orpheus.engine.engine import first_lookahead
-from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.errors import EngineBusy, RequestCancelled
+from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.loader import load_llm, load_snac
 from pipecat_orpheus.reference import ReferenceSynthesizer
 
@@ -103,7 +103,7 @@ async def test_explicit_cancel_and_close_end_streams_with_request_cancelled(part
 
 
 def test_first_lookahead_follows_the_step_time():
-    """The first frame waits for no later frame at a fast step time, for the full lookahead at a slow one or none yet."""
+    """The first frame waits for no later frame at fast steps, for the full lookahead at slow steps or before any."""
     assert first_lookahead(None, 2) == 2
     assert first_lookahead(0.0035, 2) == 0  # 7 * 3.5 ms * 3 frames = 73.5 ms <= 85.3 ms of audio
     assert first_lookahead(0.005, 2) == 1
@@ -128,5 +128,17 @@ async def test_engine_opens_codec_streams_with_the_first_lookahead(parts, tiny_m
         await fast.read_all()
         assert (first_slow, first_fast) == (lookahead, 0)
         assert engine.step_s is not None and engine.step_s > 1e-4  # measured steps moved the average again
+    finally:
+        engine.close()
+
+
+async def test_warm_up_runs_every_first_window_shape_and_leaves_the_engine_idle(parts, tiny_model_dir):
+    """warm_up() speaks one short request per first-window lookahead and returns with no request left."""
+    engine = make_engine(parts, make_config(tiny_model_dir))
+    try:
+        await asyncio.to_thread(engine.warm_up)
+        requests = engine.codec.config.lookahead_frames + 1  # first lookahead 0, 1, ..., L
+        assert engine.stats.decode_tokens == requests * 4 * 7 and engine.active_requests == 0  # 4 frames each
+        assert engine.codec_worker.windows >= 2 * requests  # at least a first window and a last one each
     finally:
         engine.close()

@@ -118,3 +118,18 @@ def test_fp8_kv_cache_halves_memory_and_stays_close(setup):
     assert ModelRunner(
         lm, EngineConfig(max_slots=2, max_tokens_per_slot=128, kv_cache_dtype="fp8")
     ).kv_cache_bytes() * 4 == (ModelRunner(lm, EngineConfig(max_slots=2, max_tokens_per_slot=128)).kv_cache_bytes())
+
+
+def test_prefill_warm_up_touches_only_the_dummy_slot(setup):
+    """Warming every prefill shape up writes the dummy slot's cache only, and live requests decode as before."""
+    model, prompts, expected = setup
+    runner, scheduler = make(model, slots=2, chunk=40)
+    runner.warm_up_prefill(force=True)
+    assert not runner.k_cache[:, : runner.dummy_slot].any() and runner.k_cache[:, runner.dummy_slot].any()
+    r = Request("r", [prompts[0]], GREEDY, seed=0)
+    scheduler.admit(r)
+    while not r.is_done:
+        step = scheduler.schedule()
+        decoded, first = runner.step(step.decode, step.prefill)
+        scheduler.postprocess(step, decoded.tolist(), first.tolist())
+    assert r.output_ids[0] == expected[0]
