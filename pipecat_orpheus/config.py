@@ -11,9 +11,10 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -163,8 +164,11 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Load the YAML at `path` (default: the repository's), then `ORPHEUS_SECTION_KEY` env
-    variables, then `overrides` such as `{"server.port": 9000}` (from CLI flags; None skipped).
+    """Load the configuration: the YAML file, then the environment, then `overrides`.
+
+    `path` defaults to the repository's orpheus_config.yaml; environment variables are named
+    `ORPHEUS_<SECTION>_<KEY>`; `overrides` come from CLI flags, such as `{"server.port": 9000}`
+    (None values are skipped).
     """
     values: dict[str, dict[str, Any]] = {}
     if path is not None or DEFAULT_CONFIG_PATH.exists():

@@ -5,7 +5,8 @@ Pure Python and numpy, no torch. See research/orpheus.md section 1 for the sourc
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -43,7 +44,9 @@ PROMPT_SUFFIX = (EOT, END_OF_HUMAN, START_OF_AI, START_OF_SPEECH)
 class TextTokenizer(Protocol):
     """The part of a Hugging Face tokenizer that prompt building needs."""
 
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]:
+        """Token ids of `text`."""
+        ...
 
 
 def build_prompt(tokenizer: TextTokenizer, text: str, voice: str | None) -> list[int]:
@@ -110,8 +113,9 @@ def tokens_to_codes(tokens: Sequence[int]) -> np.ndarray:
     """Audio token ids (a whole number of frames) -> frame-ordered codes (n, 7)."""
     if len(tokens) % FRAME_TOKENS:
         raise ValueError(f"{len(tokens)} tokens is not a whole number of {FRAME_TOKENS}-token frames")
-    return np.stack([frame_to_codes(tokens[i : i + FRAME_TOKENS]) for i in range(0, len(tokens), FRAME_TOKENS)]) \
-        if tokens else np.zeros((0, FRAME_TOKENS), dtype=np.int64)
+    if not tokens:
+        return np.zeros((0, FRAME_TOKENS), dtype=np.int64)
+    return np.stack([frame_to_codes(tokens[i : i + FRAME_TOKENS]) for i in range(0, len(tokens), FRAME_TOKENS)])
 
 
 def allowed_token_range(position: int) -> tuple[int, int]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipecat_orpheus.codec import CodecWorker, SnacCodec, Window, hashed_normal
+from pipecat_orpheus.codec import SnacCodec, Window, hashed_normal
+from pipecat_orpheus.codec_worker import CodecWorker
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.errors import RequestCancelled
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes

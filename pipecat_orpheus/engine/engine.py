@@ -32,7 +32,8 @@ import numpy as np
 from loguru import logger
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.codec import CodecStream, CodecWorker, SnacCodec
+from pipecat_orpheus.codec import CodecStream, SnacCodec
+from pipecat_orpheus.codec_worker import CodecWorker
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.errors import ConfigError, RequestCancelled
 from pipecat_orpheus.synthesizer import AudioStream
