@@ -680,6 +680,7 @@ async def run_soak(bench: Bench, seconds: float, concurrency: int, seed: int) ->
         "rss_after_warmup_mib": round(rss0, 1),
         "rss_end_mib": round(rss1, 1),
         "rss_max_mib": round(max(samples or [rss1]), 1),
+        "rss_every_5s_mib": [round(x, 1) for x in samples],
         "soak_rss_growth_pct": round(growth, 2),
         **counts,
     }
