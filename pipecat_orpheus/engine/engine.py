@@ -279,10 +279,14 @@ class OrpheusEngine:
             if request.first_frame_s is None:
                 request.first_frame_s = now
             codec_stream = self._codec_streams.get(request.request_id)
-            if codec_stream is not None:
-                windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
-                if windows:
-                    ready.append((codec_stream, windows, request.stream, False))
+            if codec_stream is None:
+                continue
+            if codec_stream.cancelled:  # its decode failed (the caller has the error): free the slot
+                self._cancels.append((request.request_id, False))
+                continue
+            windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
+            if windows:
+                ready.append((codec_stream, windows, request.stream, False))
         for request in out.finished:
             self._requests.pop(request.request_id, None)
             codec_stream = self._codec_streams.pop(request.request_id, None)

@@ -11,6 +11,7 @@ from pipecat_orpheus.engine.engine import first_lookahead
 from pipecat_orpheus.errors import EngineBusy, RequestCancelled
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.loader import load_llm, load_snac
+from pipecat_orpheus.noise import noise_key
 from pipecat_orpheus.reference import ReferenceSynthesizer
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=5)
@@ -84,6 +85,37 @@ async def test_full_engine_raises_busy_and_cancel_frees_slot(parts, tiny_model_d
         live.cancel()
         audio = await asyncio.wait_for(waiting.read_all(), timeout=60)
         assert len(audio) > 0 and engine.active_requests == 0 and engine.queued_requests == 0
+    finally:
+        engine.close()
+
+
+class FailingCodec(SnacCodec):
+    """The real codec, with a decode that fails for one request's windows (fault injection at its boundary)."""
+
+    fail_key: int | None = None
+
+    def decode(self, windows):
+        if any(w.stream.key == self.fail_key for w in windows):
+            raise RuntimeError("injected SNAC failure")
+        return super().decode(windows)
+
+
+async def test_codec_failure_fails_the_request_and_frees_its_slot(parts, tiny_model_dir):
+    """When SNAC fails on a request its caller gets the error and the engine stops generating it at once."""
+    config = make_config(tiny_model_dir, **{"engine.max_tokens_per_slot": 1100, "sampling.max_tokens": 1050})
+    llm, tokenizer, snac = parts
+    codec = FailingCodec(snac, config.codec, "cpu")
+    codec.fail_key = noise_key(11)
+    engine = OrpheusEngine(llm, tokenizer, codec, config=config)
+    try:
+        stream = engine.submit("one", sampling=SamplingParams(max_tokens=1050, min_tokens=1050, seed=11))
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(stream.read_all(), timeout=60)
+        for _ in range(200):
+            if engine.active_requests == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.active_requests == 0 and engine.stats.decode_tokens < 300  # not run to its 1050 tokens
     finally:
         engine.close()
 
