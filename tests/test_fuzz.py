@@ -79,7 +79,9 @@ scalars |= st.binary(max_size=20)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=20)
 not_maps = values.map(msgpack.packb).filter(lambda b: b != p.EOS_FRAME)
 ids = st.integers(-5, 5) | st.text(max_size=8)
-wrong = st.floats() | st.booleans() | st.binary(max_size=8) | st.lists(st.integers(), max_size=3)
+wrong = (
+    st.floats() | st.booleans() | st.binary(max_size=8) | st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3)
+)  # msgpack-packable
 unknown_types = st.text(max_size=12).filter(lambda t: t not in p.CLIENT_MESSAGES)
 unknown_types = unknown_types.map(lambda t: (msgpack.packb({"type": t}), False, "error"))
 FIELDS = [("Text", "text"), ("Speak", "text"), ("Speak", "voice"), ("Speak", "id"), ("Marker", "id"), ("Cancel", "id")]
@@ -106,7 +108,7 @@ frames = st.one_of(
     st.sampled_from([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80"]).map(  # invalid UTF-8 inside a msgpack str
         lambda bad: (b"\x82\xa4type\xa4Text\xa4text" + bytes([0xA0 | len(bad)]) + bad, False, "error")
     ),
-    st.integers(1, 5000).map(lambda depth: (b"\x91" * depth + b"\xc0", False, "error")),  # nested lists
+    st.integers(1, FRAME_LIMIT - 1).map(lambda depth: (b"\x91" * depth + b"\xc0", False, "error")),  # nested lists
     st.integers(0, 127).map(lambda code: (msgpack.packb(msgpack.ExtType(code, b"xy")), False, "error")),
     st.integers(MESSAGE_LIMIT + 1, FRAME_LIMIT).map(lambda n: (b"\x81" + b"a" * (n - 1), False, "error")),
     st.integers(FRAME_LIMIT + 1, 3 * FRAME_LIMIT).map(lambda n: (b"b" * n, False, 1009)),
@@ -115,7 +117,16 @@ frames = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+END_OF_BATCH = "end-of-fuzz-batch"  # a Cancel id no fuzzed frame uses: its Cancelled marks the end
+
+
+# derandomize: CI replays the same 80 batches every run; bench/bench_reliability.py fuzzes at random, at length
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(st.lists(frames, min_size=1, max_size=12))
 def test_hostile_frames_get_error_or_close_only_their_stream(running, batch):
     """Every malformed frame gets Error{bad_request} (or the stream closes with 1007/1009); nothing else breaks."""
@@ -134,18 +145,18 @@ def test_hostile_frames_get_error_or_close_only_their_stream(running, batch):
             malformed += expect == "error"
         got, closed = [], None
         try:
-            if expect_close is None:
-                ws.send(msgpack.packb({"type": "Cancel"}))  # answered last: everything before it was handled
-            while p.Cancelled(None) not in got:
+            if expect_close is None:  # answered last: everything before it was handled
+                ws.send(msgpack.packb({"type": "Cancel", "id": END_OF_BATCH}))
+            while expect_close is not None or p.Cancelled(END_OF_BATCH) not in got:  # a close: read until it comes
                 got.append(p.decode_server(ws.recv(30)))
         except ConnectionClosed:
             closed = ws.close_code
     errors = [m for m in got if isinstance(m, p.Error)]
     assert all(m.code in ("bad_request", "busy") for m in errors), errors
-    if expect_close is not None:
-        assert closed == expect_close
+    if expect_close is not None:  # unless an earlier Eos already ended the stream normally
+        assert closed == expect_close or (may_end and closed == 1000), (closed, ws.close_reason)
     elif closed is not None:  # only an Eos ends a stream normally
-        assert may_end and closed == 1000
+        assert may_end and closed == 1000, (closed, ws.close_reason)
     else:
         assert len(errors) >= malformed
     assert not running.errors
