@@ -114,6 +114,7 @@ class LimitsConfig:
     max_connections: int = field(default=512, metadata=_range(1, 100_000))
     max_unsent_audio_s: float = field(default=30.0, metadata=_range(0.1, 3600))
     max_unsent_messages: int = field(default=1024, metadata=_range(1, 1_000_000))
+    max_id_chars: int = field(default=128, metadata=_range(1, 65536))
 
 
 @dataclass(frozen=True, slots=True)

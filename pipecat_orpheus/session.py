@@ -165,13 +165,22 @@ class Session:
         """A decoded client message; limit breaches become `Error{bad_request}` and are dropped."""
         if self.closed:
             return
+        message_id = getattr(message, "id", None)
+        if isinstance(message_id, str) and len(message_id) > self.limits.max_id_chars:
+            self.error(  # not echoed: the id is what is too long
+                ProtocolError(
+                    f"{message.type} id has {len(message_id)} characters, over limits.max_id_chars "
+                    f"({self.limits.max_id_chars})"
+                )
+            )
+            return
         try:
             if self._ended and not isinstance(message, (p.Voice, p.Cancel)):
                 raise ProtocolError(f"{message.type} after Eos: the input has ended")
             handler = getattr(self, f"_on_{message.type.lower()}")
             handler(message)
         except ProtocolError as e:
-            self.error(e, id=getattr(message, "id", None))
+            self.error(e, id=message_id)
         self._advance()
 
     def error(self, error: ProtocolError, id: p.MessageId | None = None) -> None:

@@ -209,6 +209,19 @@ def test_speak_limits():
     assert all(e.code == "bad_request" for e in errors)
 
 
+def test_overlong_ids_are_refused_and_not_echoed():
+    """An id past limits.max_id_chars gets an Error without the id, and nothing of that message is done."""
+    d = Driver(LimitsConfig(max_id_chars=8))
+    d.receive(p.Speak("Hi.", id="x" * 9))
+    d.receive(p.Marker("y" * 9))
+    d.receive(p.Speak("Hi.", id="x" * 8))
+    d.run_to_end()
+    errors = [m for m in d.sent if isinstance(m, p.Error)]
+    assert len(errors) == 2 and all(e.id is None and "limits.max_id_chars" in e.message for e in errors)
+    assert {m.id for m in d.sent if isinstance(m, p.Done)} == {"x" * 8}
+    assert not any(isinstance(m, p.Marker) for m in d.sent)
+
+
 def test_buffered_text_limit():
     """Streamed text past max_buffered_chars is refused, and the connection keeps working."""
     d = Driver(LimitsConfig(max_buffered_chars=32), max_chars=200)
