@@ -7,22 +7,10 @@ import numpy as np
 import pytest
 
 from pipecat_orpheus.client import OrpheusClient, _stream_url
-from pipecat_orpheus.config import load_config
 from pipecat_orpheus.errors import AuthError, EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.server import serve
-from pipecat_orpheus.synthesizer import load_synthesizer
-from tests.test_server import LONG_TEXT, overrides, until, with_
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir):
-    return load_config(overrides=overrides(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def synth(config):
-    return load_synthesizer(config)
+from tests.test_server import LONG_TEXT, config, overrides, synth, until, with_  # noqa: F401 (fixtures)
 
 
 def test_url_gets_path_and_query():

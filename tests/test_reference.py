@@ -11,18 +11,10 @@ from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled
-from pipecat_orpheus.loader import load_llm, load_snac
 from pipecat_orpheus.reference import ReferenceSynthesizer, allowed_tokens, audio_constraint, generate_tokens
 from pipecat_orpheus.text import split_text
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=3)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    llm, tok = load_llm(str(tiny_model_dir / "llm"), dtype=torch.float32, device="cpu")
-    snac = load_snac(str(tiny_model_dir / "snac"), device="cpu")
-    return llm, tok, snac
 
 
 def make_config(tiny_model_dir, **overrides):
@@ -38,8 +30,8 @@ def make_config(tiny_model_dir, **overrides):
 
 
 @pytest.fixture
-def synth(models, tiny_model_dir):
-    llm, tok, snac = models
+def synth(tiny_models, tiny_model_dir):
+    llm, tok, snac = tiny_models
     config = make_config(tiny_model_dir, **{"engine.max_queue": 1, "engine.max_chars_per_piece": 30})
     s = ReferenceSynthesizer(llm, tok, SnacCodec(snac, config.codec, "cpu"), config=config)
     yield s
@@ -60,9 +52,9 @@ class _AudioOnly(LogitsProcessor):
         return audio_constraint(scores, (input_ids.shape[1] - self.prompt_len) % fmt.FRAME_TOKENS)
 
 
-def test_tokens_respect_frame_positions(models):
+def test_tokens_respect_frame_positions(tiny_models):
     """Every generated token is an audio token of its frame position."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     sampling = SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_tokens=49, seed=0)
     tokens = list(generate_tokens(llm, prompt(tok), sampling))
     assert len(tokens) == 49
@@ -88,9 +80,9 @@ def test_sampling_over_allowed_tokens_equals_masked_vocabulary(position):
     assert allowed.tolist() == sorted(allowed.tolist())
 
 
-def test_greedy_matches_transformers_generate(models):
+def test_greedy_matches_transformers_generate(tiny_models):
     """Greedy decoding with our DynamicCache loop equals transformers' own generate under the same constraint."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     ids = prompt(tok)
     sampling = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=28)
     ours = list(generate_tokens(llm, ids, sampling))
@@ -105,9 +97,9 @@ def test_greedy_matches_transformers_generate(models):
     assert ours == out[0, len(ids) :].tolist()
 
 
-def test_greedy_deterministic_and_seed_reproducible(models):
+def test_greedy_deterministic_and_seed_reproducible(tiny_models):
     """Greedy gives the same tokens every time; a seed makes sampling reproducible and a new seed changes it."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     ids = prompt(tok)
     assert list(generate_tokens(llm, ids, GREEDY)) == list(generate_tokens(llm, ids, GREEDY))
     seeded = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=21, seed=42)
@@ -117,9 +109,9 @@ def test_greedy_deterministic_and_seed_reproducible(models):
     assert a != list(generate_tokens(llm, ids, other))
 
 
-def test_repetition_penalty_counts_generated_tokens_only(models):
+def test_repetition_penalty_counts_generated_tokens_only(tiny_models):
     """The penalty applies to tokens of this generation, not the prompt: with a 1-token nucleus it avoids repeats."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     ids = prompt(tok)
     strong = SamplingParams(temperature=0.0, repetition_penalty=5.0, max_tokens=70)
     tokens = list(generate_tokens(llm, ids, strong))
@@ -143,17 +135,17 @@ class _StopAfter(torch.nn.Module):
         return out
 
 
-def test_stops_at_end_of_speech_on_frame_boundary(models):
+def test_stops_at_end_of_speech_on_frame_boundary(tiny_models):
     """END_OF_SPEECH ends generation, but only at a frame boundary, and is not yielded."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     tokens = list(generate_tokens(_StopAfter(llm, 10), prompt(tok), SamplingParams(temperature=0.0, max_tokens=700)))
     assert len(tokens) == 14
     assert fmt.END_OF_SPEECH not in tokens
 
 
-async def test_audio_length_matches_frames(synth, models):
+async def test_audio_length_matches_frames(synth, tiny_models):
     """Streamed audio is frames * 2048 samples, in chunks, equal to an offline decode of the same frames."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     tokens = list(generate_tokens(llm, prompt(tok, "Hi there."), GREEDY))
     frames = len(tokens) // 7
     chunks = [c async for c in synth.submit("Hi there.", sampling=GREEDY)]
@@ -176,9 +168,9 @@ async def test_greedy_audio_deterministic_and_seeded_sampling(synth):
     assert np.array_equal(c, d)
 
 
-async def test_long_text_streams_as_one_utterance(synth, models):
+async def test_long_text_streams_as_one_utterance(synth, tiny_models):
     """Text past max_chars_per_piece is split into pieces, spoken in order into one stream, one codec stream."""
-    llm, tok, _ = models
+    llm, tok, _ = tiny_models
     text = "The first sentence is here. A second one follows it. And a third ends it."
     pieces = split_text(text, synth.config.engine.max_chars_per_piece)
     assert len(pieces) == 3
@@ -218,9 +210,9 @@ async def test_busy_past_queue_bound(synth):
     running.cancel()
 
 
-async def test_unknown_voice_and_close(models, tiny_model_dir):
+async def test_unknown_voice_and_close(tiny_models, tiny_model_dir):
     """An unknown voice is a ConfigError; close() ends queued streams with RequestCancelled."""
-    llm, tok, snac = models
+    llm, tok, snac = tiny_models
     config = make_config(tiny_model_dir)
     s = ReferenceSynthesizer(llm, tok, SnacCodec(snac, config.codec, "cpu"), config=config)
     with pytest.raises(ConfigError, match="voice"):

@@ -2,7 +2,6 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
 
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.config import load_config
@@ -10,19 +9,11 @@ from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
 from pipecat_orpheus.engine.engine import first_lookahead
 from pipecat_orpheus.errors import EngineBusy, RequestCancelled
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
-from pipecat_orpheus.loader import load_llm, load_snac
 from pipecat_orpheus.noise import noise_key
 from pipecat_orpheus.reference import ReferenceSynthesizer
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=5)
 LONG_TEXT = "First sentence is here. " * 3 + "And the second piece follows it."  # two pieces at 60 chars
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    llm, tokenizer = load_llm(str(tiny_model_dir / "llm"), dtype=torch.float32, device="cpu")
-    snac = load_snac(str(tiny_model_dir / "snac"), device="cpu")
-    return llm, tokenizer, snac
 
 
 def make_config(tiny_model_dir, **overrides):
@@ -40,22 +31,22 @@ def make_config(tiny_model_dir, **overrides):
     return load_config(overrides=values)
 
 
-def make_engine(parts, config) -> OrpheusEngine:
-    llm, tokenizer, snac = parts
+def make_engine(tiny_models, config) -> OrpheusEngine:
+    llm, tokenizer, snac = tiny_models
     return OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config)
 
 
-async def test_greedy_audio_matches_reference_with_staggered_joins(parts, tiny_model_dir):
+async def test_greedy_audio_matches_reference_with_staggered_joins(tiny_models, tiny_model_dir):
     """Greedy requests joining a running batch at different times give the reference path's audio, multi-piece too."""
     config = make_config(tiny_model_dir)
-    llm, tokenizer, snac = parts
+    llm, tokenizer, snac = tiny_models
     texts = ["hello there", LONG_TEXT, "hi"]
     reference = ReferenceSynthesizer(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config)
     try:
         expected = [await reference.submit(t, sampling=GREEDY).read_all() for t in texts]
     finally:
         reference.close()
-    engine = make_engine(parts, config)
+    engine = make_engine(tiny_models, config)
     try:
         first = engine.submit(texts[0], sampling=GREEDY)
         chunk = await first.__anext__()  # the batch is running when the others join
@@ -73,9 +64,9 @@ async def test_greedy_audio_matches_reference_with_staggered_joins(parts, tiny_m
         assert np.corrcoef(g[:SAMPLES_PER_FRAME], e[:SAMPLES_PER_FRAME])[0, 1] > 0.99
 
 
-async def test_full_engine_raises_busy_and_cancel_frees_slot(parts, tiny_model_dir):
+async def test_full_engine_raises_busy_and_cancel_frees_slot(tiny_models, tiny_model_dir):
     """With every slot and queue place taken submit fails fast; cancelling a live stream lets a waiting one run."""
-    engine = make_engine(parts, make_config(tiny_model_dir, **{"engine.max_slots": 1, "engine.max_queue": 1}))
+    engine = make_engine(tiny_models, make_config(tiny_model_dir, **{"engine.max_slots": 1, "engine.max_queue": 1}))
     try:
         live = engine.submit("one", sampling=GREEDY)
         waiting = engine.submit("two", sampling=GREEDY)
@@ -100,10 +91,10 @@ class FailingCodec(SnacCodec):
         return super().decode(windows)
 
 
-async def test_codec_failure_fails_the_request_and_frees_its_slot(parts, tiny_model_dir):
+async def test_codec_failure_fails_the_request_and_frees_its_slot(tiny_models, tiny_model_dir):
     """When SNAC fails on a request its caller gets the error and the engine stops generating it at once."""
     config = make_config(tiny_model_dir, **{"engine.max_tokens_per_slot": 1100, "sampling.max_tokens": 1050})
-    llm, tokenizer, snac = parts
+    llm, tokenizer, snac = tiny_models
     codec = FailingCodec(snac, config.codec, "cpu")
     codec.fail_key = noise_key(11)
     engine = OrpheusEngine(llm, tokenizer, codec, config=config)
@@ -120,9 +111,9 @@ async def test_codec_failure_fails_the_request_and_frees_its_slot(parts, tiny_mo
         engine.close()
 
 
-async def test_explicit_cancel_and_close_end_streams_with_request_cancelled(parts, tiny_model_dir):
+async def test_explicit_cancel_and_close_end_streams_with_request_cancelled(tiny_models, tiny_model_dir):
     """`cancel(request_id)` and `close()` end in-flight streams with RequestCancelled."""
-    engine = make_engine(parts, make_config(tiny_model_dir, **{"sampling.max_tokens": 140}))
+    engine = make_engine(tiny_models, make_config(tiny_model_dir, **{"sampling.max_tokens": 140}))
     a = engine.submit("one")
     b = engine.submit("two")
     engine.cancel(a.request_id)
@@ -143,9 +134,9 @@ def test_first_lookahead_follows_the_step_time():
     assert first_lookahead(0.001, 0) == 0
 
 
-async def test_engine_opens_codec_streams_with_the_first_lookahead(parts, tiny_model_dir):
+async def test_engine_opens_codec_streams_with_the_first_lookahead(tiny_models, tiny_model_dir):
     """A request submitted while steps are fast gets a first window after one frame; before any step, the full one."""
-    engine = make_engine(parts, make_config(tiny_model_dir))
+    engine = make_engine(tiny_models, make_config(tiny_model_dir))
     try:
         lookahead = engine.codec.config.lookahead_frames
         assert lookahead > 0
@@ -164,9 +155,9 @@ async def test_engine_opens_codec_streams_with_the_first_lookahead(parts, tiny_m
         engine.close()
 
 
-async def test_warm_up_runs_every_first_window_shape_and_leaves_the_engine_idle(parts, tiny_model_dir):
+async def test_warm_up_runs_every_first_window_shape_and_leaves_the_engine_idle(tiny_models, tiny_model_dir):
     """warm_up() speaks one short request per first-window lookahead and returns with no request left."""
-    engine = make_engine(parts, make_config(tiny_model_dir))
+    engine = make_engine(tiny_models, make_config(tiny_model_dir))
     try:
         await asyncio.to_thread(engine.warm_up)
         requests = engine.codec.config.lookahead_frames + 1  # first lookahead 0, 1, ..., L
