@@ -6,9 +6,7 @@ sound is noise):
      left context and lookahead frames;
   2. decode time per batch of steady-state windows at 1..256 windows, fp32 vs bf16, eager vs
      torch.compile(dynamic=True), and the precision loss of bf16 against fp32;
-  3. how long a lone request waits beyond its own decode: our CodecWorker vs
-     batched.dynamically(batch_size=64, timeout_ms=15) (Baseten's setting), and a 256-window burst;
-  4. the GPU share at 256 real-time streams, frames/s at saturation, first-window cost.
+  3. the GPU share at 256 real-time streams, frames/s at saturation, first-window cost.
 Writes a JSON (default bench/results/codec_h100.json) and prints a short table.
 
   python bench/bench_codec.py                      # GPU, real-size SNAC
@@ -21,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +27,6 @@ import torch
 from snac import SNAC
 
 from pipecat_orpheus.codec import SnacCodec, Window
-from pipecat_orpheus.codec_worker import CodecWorker
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipecat_orpheus.testing import tiny_snac_config
@@ -177,92 +173,6 @@ def speed(model, device, left, right, args, rng, specs) -> dict:
     return variants
 
 
-class TimedSink:
-    def __init__(self):
-        self.done = threading.Event()
-        self.t_put = 0.0
-        self.count = 0
-        self.target = 1
-
-    def put(self, pcm):
-        self.count += 1
-        if self.count >= self.target:
-            self.t_put = time.perf_counter()
-            self.done.set()
-
-    def finish(self, error=None):
-        pass
-
-
-def lone_wait(codec: SnacCodec, rng, reps: int) -> dict:
-    """Submit one window to an idle batcher; wait = delivery time minus the window's own decode time."""
-    import batched
-
-    win = steady_windows(codec, 1, rng)
-    own = time_decode(codec, win, 20)
-    ours = []
-    with CodecWorker(codec) as worker:
-        worker.wait_idle()  # the worker warms every window shape up in its own thread first
-        for _ in range(reps):
-            sink = TimedSink()
-            busy = worker.decode_seconds
-            t = time.perf_counter()
-            worker.submit(win[0].stream, win, sink)
-            sink.done.wait(10)
-            ours.append((sink.t_put - t - (worker.decode_seconds - busy)) * 1e3)  # beyond this decode's own time
-            time.sleep(0.002)
-    proc = batched.dynamically(lambda ws: codec.decode(ws), batch_size=64, timeout_ms=15)
-    base = []
-    for _ in range(max(5, reps // 4)):
-        t = time.perf_counter()
-        proc(win[0])
-        base.append((time.perf_counter() - t) * 1e3 - own)
-    return {
-        "own_decode_ms": round(own, 3),
-        "ours_ms_p50": round(statistics.median(ours), 3), "ours_ms_max": round(max(ours), 3),
-        "batched_ms_p50": round(statistics.median(base), 3), "batched_ms_max": round(max(base), 3),
-    }  # fmt: skip
-
-
-def burst(codec: SnacCodec, rng, n: int) -> dict:
-    """n streams each submit one window at once: per-window delivery latency, ours vs batched."""
-    import batched
-
-    wins = steady_windows(codec, n, rng)
-    lat = []
-    with CodecWorker(codec) as worker:
-        worker.wait_idle()
-        sinks = [TimedSink() for _ in wins]
-        t = time.perf_counter()
-        for w, s in zip(wins, sinks, strict=False):
-            worker.submit(w.stream, [w], s)
-        for s in sinks:
-            s.done.wait(30)
-        lat = sorted((s.t_put - t) * 1e3 for s in sinks)
-    proc = batched.dynamically(lambda ws: codec.decode(ws), batch_size=64, timeout_ms=15)
-    done = [0.0] * n
-    t = time.perf_counter()
-
-    def call(i):
-        proc(wins[i])
-        done[i] = (time.perf_counter() - t) * 1e3
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    base = sorted(done)
-    pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)  # noqa: E731
-    return {
-        "windows": n,
-        "ours_p50_ms": pct(lat, 0.5),
-        "ours_max_ms": pct(lat, 1.0),
-        "batched_p50_ms": pct(base, 0.5),
-        "batched_max_ms": pct(base, 1.0),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -280,7 +190,6 @@ def main() -> None:
         help="dtype[+compile][+graphs][+cudnn]: precision, torch.compile, CUDA graphs, cudnn.benchmark",
     )
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--lone-reps", type=int, default=100)
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -321,9 +230,6 @@ def report(args, name, grid, left, right, variants, rng) -> dict:
     torch.backends.cudnn.benchmark = variants[best].get("cudnn_benchmark", False)
     share = FRAMES_PER_S * 256 / top * variants[best]["decode_ms"][top] / 1e3  # GPU seconds per second at 256 streams
     fps = max(b / (ms / 1e3) for b, ms in variants[best]["decode_ms"].items())
-    print(f"lone request and burst ({best}):", flush=True)
-    lone = lone_wait(codec, rng, args.lone_reps)
-    bursts = burst(codec, rng, top)
     st = codec.open_stream(0)
     first_windows = [w for f in rng.integers(0, CODEBOOK_SIZE, (right + 1, 7)) for w in st.push(f)]
     first_ms = time_decode(codec, first_windows, args.reps)
@@ -340,10 +246,6 @@ def report(args, name, grid, left, right, variants, rng) -> dict:
         "cuda_graphs": "graphs" in best.split("+"),
         "decode_ms_bs1": variants[best]["decode_ms"].get(1),
         "decode_ms_bs64": variants[best]["decode_ms"].get(64),
-        "lone_request_wait_ms": lone["ours_ms_p50"],
-        "lone_request_wait_ms_batched": lone["batched_ms_p50"],
-        "lone_request": lone,
-        "burst": bursts,
         "gpu_share_at_256_streams": round(share, 4),
         "frames_per_s_saturation": round(fps, 1),
         "first_window_decode_ms": round(first_ms, 3),
@@ -357,7 +259,6 @@ def report(args, name, grid, left, right, variants, rng) -> dict:
 
 
 def print_table(args, name, r) -> None:
-    lone, bursts = r["lone_request"], r["burst"]
     print(f"\n== codec on {name} ==")
     print(f"context L={r['left_context_frames']} R={r['lookahead_frames']}: ", end="")
     print(f"fidelity {r['fidelity_db']} dB (target >= {TARGET_DB}); variant {r['chosen_variant']}")
@@ -373,12 +274,6 @@ def print_table(args, name, r) -> None:
         )
     print(f"GPU share at 256 streams: {r['gpu_share_at_256_streams'] * 100:.1f}% (target < 15%); ", end="")
     print(f"saturation {r['frames_per_s_saturation']:.0f} frames/s")
-    print(f"lone request wait beyond own decode ({lone['own_decode_ms']:.2f} ms): ", end="")
-    print(
-        f"ours p50 {lone['ours_ms_p50']:.3f} ms max {lone['ours_ms_max']:.2f}; batched {lone['batched_ms_p50']:.2f} ms"
-    )
-    print(f"burst of {bursts['windows']}: ours p50/max {bursts['ours_p50_ms']}/{bursts['ours_max_ms']} ms; ", end="")
-    print(f"batched {bursts['batched_p50_ms']}/{bursts['batched_max_ms']} ms")
     print(f"first window decode {r['first_window_decode_ms']:.2f} ms; ", end="")
     print(f"lookahead {r['lookahead_frames']} frames costs {r['lookahead_first_audio_cost_ms']} ms of first audio")
     print(f"wrote {args.out}")

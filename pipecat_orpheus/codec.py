@@ -14,12 +14,19 @@ on batching or windowing, a seeded request is reproducible, and streamed audio c
 with an offline decode sample by sample. The decoder is also cropped after every upsampling
 block to the emitted frames plus the receptive field of the layers left, which gives the same
 samples for much less work at the high-rate layers.
+
+On a GPU every window shape a stream of three or more frames goes through (its first frames,
+the steady state, its tail) is decoded by CUDA graphs, one per batch bucket. `launch` queues a
+batch of windows on the caller's CUDA stream and returns at once; the engine launches each
+step's windows on its own stream just before the next decode step, so SNAC and the LLM never
+compete for the GPU or the GIL, and the PCM is read back while the next step runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import secrets
 from dataclasses import dataclass
@@ -39,11 +46,27 @@ from pipecat_orpheus.noise import hash32, noise_key, uniform24
 
 
 def _buckets(max_batch: int) -> list[int]:
-    """Batch sizes that get a CUDA graph: powers of two up to `max_batch`, and `max_batch` itself."""
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
-    return [*sizes, max_batch]
+    """Batch sizes that get a CUDA graph: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5x them), and `max_batch`."""
+    sizes = {m << i for i in range(max_batch.bit_length()) for m in (2, 3)} | {1}
+    return sorted({s for s in sizes if s < max_batch} | {max_batch})
 
 
+def graphed_shapes(left: int, lookahead: int) -> list[tuple[int, int, int]]:
+    """Window shapes (frames, left, emit) of every stream of `left + lookahead + 1` frames or more.
+
+    Its first frames (any first lookahead), the steady state and the tail flushed at the end of
+    speech; longer streams only add steady windows. Shorter streams decode eagerly.
+    """
+    silence = np.zeros(FRAME_TOKENS, dtype=np.int64)
+    shapes = set()
+    for first in range(lookahead + 1):
+        stream = CodecStream(0, left, lookahead, first)
+        windows = [w for _ in range(left + lookahead + 1) for w in stream.push(silence)] + stream.finish()
+        shapes |= {w.shape_key for w in windows}
+    return sorted(shapes)
+
+
+_EDGE_MAX_BATCH = 16  # largest graphed batch of first-frame and tail windows: few streams start or end per step
 _L1_COLS = [1, 4]  # frame positions of the two L1 codes (format.FRAME_LAYOUT)
 _L2_COLS = [2, 3, 5, 6]  # frame positions of the four L2 codes
 
@@ -159,6 +182,23 @@ class CodecStream:
         return Window(self, codes, start, first - start, emit)
 
 
+class DecodedAudio:
+    """The PCM of one `SnacCodec.launch`, one float32 array per window, once the GPU has got there."""
+
+    def __init__(self, chunks: list[torch.Tensor], done: torch.cuda.Event | None):
+        self._chunks = chunks  # host tensors, filled by copies queued behind the decode
+        self._done = done
+        self._pcm: list[np.ndarray] | None = None
+
+    def wait(self) -> list[np.ndarray]:
+        """Block until the decode is done (releasing the GIL) and return the PCM, one array per window."""
+        if self._pcm is None:
+            if self._done is not None:
+                self._done.synchronize()
+            self._pcm = [c.numpy().copy() for c in self._chunks]  # the host buffer is reused by the next launch
+        return self._pcm
+
+
 class SnacCodec:
     """A SNAC 24 kHz decoder prepared for streaming: seeded noise, cropped, batched.
 
@@ -192,13 +232,19 @@ class SnacCodec:
         # column indices on the device: a Python list index would be a host-to-device copy per call
         self._l1_cols = torch.tensor(_L1_COLS, device=self.device)  # (2,)
         self._l2_cols = torch.tensor(_L2_COLS, device=self.device)  # (4,)
-        # Nearly every window has the steady-state shape (left context, 1 frame, lookahead): on GPU it
-        # runs as a CUDA graph per batch bucket (one launch, no Python per kernel, no GIL contention
-        # with the engine thread), optionally torch.compiled; start and end windows run eagerly.
+        # Nearly every window has the steady-state shape (left context, 1 frame, lookahead): it may be
+        # torch.compiled. On GPU every shape of `graphed_shapes` runs as CUDA graphs (one launch, no
+        # Python per kernel); other shapes (streams of one or two frames) run eagerly.
         self._steady = (config.left_context_frames + 1 + config.lookahead_frames, config.left_context_frames, 1)
         self._steady_fn = torch.compile(self._decode_steady) if config.compile and gpu else self._decode_steady
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, output)
-        self._graph_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._graphs: dict[tuple[int, int, int], dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
+        self._graph_inputs: dict[tuple[int, int, int], torch.Tensor] = {}  # shape -> (N, frames * 7 + 2) int64
+        # host staging, reused by every launch (pinned on GPU: copies are asynchronous)
+        rows = 2 * config.max_batch
+        self._in_host = torch.zeros(rows * (self._steady[0] * FRAME_TOKENS + 2), dtype=torch.int64, pin_memory=gpu)
+        self._out_host = torch.zeros(rows * SAMPLES_PER_FRAME, dtype=torch.float32, pin_memory=gpu)
+        self._in_used = self._out_used = 0
+        self._inflight: DecodedAudio | None = None
 
     def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A private copy with weight norm folded into plain weights, in eval mode on our device."""
@@ -228,33 +274,52 @@ class SnacCodec:
         )
 
     def decode(self, windows: list[Window]) -> list[np.ndarray]:
-        """Decode `windows` (any requests, any shapes): float32 PCM to emit, one array per window."""
-        out: list[np.ndarray | None] = [None] * len(windows)
+        """Decode `windows` (any requests, any shapes) on the codec's own stream: float32 PCM per window."""
+        with torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext():
+            return self.launch(windows).wait()
+
+    def launch(self, windows: list[Window]) -> DecodedAudio:
+        """Queue the decode of `windows` on the current CUDA stream and return without waiting.
+
+        Equal shapes decode together, at most a graph's largest batch per call. On CPU the decode
+        runs now. The host buffers are reused, so the previous launch is waited for first.
+        """
+        if self._inflight is not None:
+            self._inflight.wait()
+        self._in_used = self._out_used = 0
+        chunks: list[torch.Tensor | None] = [None] * len(windows)
         groups: dict[tuple[int, int, int], list[int]] = {}
         for i, w in enumerate(windows):
             groups.setdefault(w.shape_key, []).append(i)
-        with torch.inference_mode(), torch.cuda.stream(self._stream) if self._stream else contextlib.nullcontext():
-            for (_, left, emit), idx in groups.items():
-                for lo in range(0, len(idx), self.config.max_batch):
-                    part = idx[lo : lo + self.config.max_batch]
-                    pcm = self._run([windows[i] for i in part], left, emit)  # (b, emit * 2048) on CPU
+        with torch.inference_mode():
+            for key, idx in groups.items():
+                graphs = self._graphs.get(key)
+                cap = max(graphs) if graphs else self.config.max_batch
+                for lo in range(0, len(idx), cap):
+                    part = idx[lo : lo + cap]
+                    pcm = self._to_host(self._run([windows[i] for i in part], key))  # (b, emit * 2048)
                     for j, i in enumerate(part):
-                        out[i] = pcm[j]
-        return out  # type: ignore[return-value]
+                        chunks[i] = pcm[j]
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self._inflight = DecodedAudio(chunks, done)  # type: ignore[arg-type]
+        return self._inflight
 
     def warmup(self) -> None:
-        """Decode every window shape once (compiling the steady one), in the calling thread.
+        """Decode streams of every short length and first lookahead once: every window shape, in the calling thread.
 
-        Call it from the thread that will decode: cuDNN plans and compiled graphs are built on
-        first use, which costs seconds (measured 1.4 s for a new thread's first fp16 decode).
+        Call it from the thread that will decode: a thread's first eager decode builds its cuDNN
+        state, and compiled code its guards, which costs seconds (measured 1.4 s for a new thread's
+        first fp16 decode); graphed shapes just replay.
         """
-        frames = np.zeros((self.config.left_context_frames + self.config.lookahead_frames + 3, FRAME_TOKENS), np.int64)
-        streams = [self.open_stream(i) for i in range(2)]
-        for frame in frames:
-            windows = [w for s in streams for w in s.push(frame)]
-            self.decode(windows[:1])
-            self.decode(windows)
-        self.decode([w for s in streams for w in s.finish()])
+        cfg = self.config
+        silence = np.zeros(FRAME_TOKENS, dtype=np.int64)
+        for frames in range(1, cfg.left_context_frames + cfg.lookahead_frames + 3):
+            for first in range(cfg.lookahead_frames + 1):
+                stream = self.open_stream(frames, first_lookahead=first)
+                self.decode([w for _ in range(frames) for w in stream.push(silence)] + stream.finish())
 
     def decode_frames(self, frames: np.ndarray, seed: int) -> np.ndarray:
         """Offline decode of a whole utterance (n, 7) in one window: the streaming reference."""
@@ -265,50 +330,88 @@ class SnacCodec:
         return self.decode([Window(stream, codes, 0, 0, len(codes))])[0]
 
     def capture_graphs(self) -> None:
-        """Capture the steady-state window decode as CUDA graphs, one per batch bucket (GPU only).
+        """Capture every shape of `graphed_shapes` as CUDA graphs, one per batch bucket (GPU only).
 
         Call once at start, before other threads use the GPU; without it (and on CPU) every
-        window runs eagerly, with the same results.
+        window runs eagerly, with the same results. Only the steady shape is torch.compiled
+        (compiling is per shape and slow); the others are graphs of the eager decode.
         """
         if self._stream is None or not self.config.cuda_graphs or self._graphs:
             return
-        frames, left, emit = self._steady
-        n = self.config.max_batch
-        codes = torch.zeros((n, frames, FRAME_TOKENS), dtype=torch.int64, device=self.device)  # (N, F, 7)
-        keys = torch.zeros((n, 1), dtype=torch.int64, device=self.device)  # (N, 1)
-        starts = torch.zeros((n, 1), dtype=torch.int64, device=self.device)  # (N, 1)
-        self._graph_inputs = (codes, keys, starts)
         pool = None
+        cfg = self.config
+        shapes = graphed_shapes(cfg.left_context_frames, cfg.lookahead_frames)
+        todo = [(shape, b) for shape in shapes for b in _buckets(self._graph_batch(shape))[::-1]]  # largest first
         with torch.inference_mode(), torch.cuda.stream(self._stream):
-            for bucket in tqdm(_buckets(n)[::-1], desc="SNAC CUDA graphs", unit="graph"):  # largest first: one pool
+            for shape, bucket in tqdm(todo, desc="SNAC CUDA graphs", unit="graph"):
+                if shape not in self._graph_inputs:
+                    width = shape[0] * FRAME_TOKENS + 2
+                    self._graph_inputs[shape] = torch.zeros((bucket, width), dtype=torch.int64, device=self.device)
+                packed = self._graph_inputs[shape][:bucket]  # (bucket, frames * 7 + 2)
+                fn = self._steady_fn if shape == self._steady else functools.partial(self._decode_packed, shape=shape)
                 for _ in range(2):  # warm up (cuDNN plans, compile) outside the capture
-                    self._steady_fn(codes[:bucket], keys[:bucket], starts[:bucket])
+                    fn(packed)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=self._stream, capture_error_mode="thread_local"):
-                    out = self._steady_fn(codes[:bucket], keys[:bucket], starts[:bucket])  # (bucket, 2048)
+                    out = fn(packed)  # (bucket, emit * 2048) float32
                 pool = graph.pool()
-                self._graphs[bucket] = (graph, out)
+                self._graphs.setdefault(shape, {})[bucket] = (graph, out)
         self._stream.synchronize()
-        logger.info(f"{self}: captured {len(self._graphs)} CUDA graphs of the steady window, batch up to {n}")
+        logger.info(f"{self}: captured {len(todo)} CUDA graphs of {len(shapes)} window shapes")
 
-    def _run(self, windows: list[Window], left: int, emit: int) -> np.ndarray:
-        codes = torch.from_numpy(np.stack([w.codes for w in windows]))  # (B, F, 7) on the host
-        keys = torch.tensor([[w.stream.key] for w in windows], dtype=torch.int64)  # (B, 1)
-        starts = torch.tensor([[w.start] for w in windows], dtype=torch.int64)  # (B, 1)
-        b = len(windows)
-        if self._graphs and (codes.shape[1], left, emit) == self._steady:
-            graph, out = self._graphs[min(size for size in self._graphs if size >= b)]  # decode() caps b
-            for buffer, value in zip(self._graph_inputs, (codes, keys, starts), strict=True):
-                buffer[:b].copy_(value)  # rows past b keep stale inputs; their output is ignored
+    def _graph_batch(self, shape: tuple[int, int, int]) -> int:
+        """Largest graphed batch of `shape`: every stream has a steady window per frame, few start or end at once."""
+        return self.config.max_batch if shape == self._steady else min(self.config.max_batch, _EDGE_MAX_BATCH)
+
+    def _run(self, windows: list[Window], shape: tuple[int, int, int]) -> torch.Tensor:
+        """Decode equal-shape windows on the current stream: (B, emit * 2048) float32 on the device."""
+        b, width = len(windows), shape[0] * FRAME_TOKENS + 2
+        packed = self._stage(windows, width)  # (B, frames * 7 + 2) on the host
+        graphs = self._graphs.get(shape)
+        if graphs:
+            bucket = min(size for size in graphs if size >= b)
+            graph, out = graphs[bucket]
+            self._graph_inputs[shape][:b].copy_(packed, non_blocking=True)  # rows past b: stale, ignored
             graph.replay()
-            return out[:b].float().cpu().numpy()
-        codes, keys, starts = codes.to(self.device), keys.to(self.device), starts.to(self.device)
-        if (codes.shape[1], left, emit) == self._steady:
-            return self._steady_fn(codes, keys, starts).float().cpu().numpy()  # (B, 2048)
-        return self._decode_group(codes, keys, starts, left, emit).float().cpu().numpy()  # (B, emit * 2048)
+            return out[:b]
+        packed = packed.to(self.device, non_blocking=True)  # the buffer is not reused before the launch is waited
+        return self._steady_fn(packed) if shape == self._steady else self._decode_packed(packed, shape=shape)
 
-    def _decode_steady(self, codes: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        return self._decode_group(codes, keys, starts, self._steady[1], self._steady[2])
+    def _stage(self, windows: list[Window], width: int) -> torch.Tensor:
+        """Pack each window's codes, noise key and start frame into one int64 row of the host buffer."""
+        b = len(windows)
+        if self._in_used + b * width > self._in_host.numel():  # more windows than one step ever has
+            if self._stream is not None:
+                torch.cuda.current_stream(self.device).synchronize()  # the copies queued from it are done
+            self._in_used = 0
+        packed = self._in_host[self._in_used : self._in_used + b * width].view(b, width)  # (B, frames * 7 + 2)
+        self._in_used += b * width
+        rows = packed.numpy()
+        rows[:, :-2] = np.stack([w.codes for w in windows]).reshape(b, -1)
+        rows[:, -2] = [w.stream.key for w in windows]
+        rows[:, -1] = [w.start for w in windows]
+        return packed
+
+    def _to_host(self, pcm: torch.Tensor) -> torch.Tensor:
+        """A host copy of `pcm` (B, T) float32, queued behind the decode (a view of the reused buffer if it fits)."""
+        if pcm.device.type == "cpu":
+            return pcm
+        n = pcm.numel()
+        if self._out_used + n <= self._out_host.numel():
+            host = self._out_host[self._out_used : self._out_used + n].view(pcm.shape)  # (B, T)
+            self._out_used += n
+        else:
+            host = torch.empty(pcm.shape, dtype=torch.float32, pin_memory=True)  # (B, T): a rare oversized batch
+        return host.copy_(pcm, non_blocking=True)
+
+    def _decode_steady(self, packed: torch.Tensor) -> torch.Tensor:
+        return self._decode_packed(packed, shape=self._steady)
+
+    def _decode_packed(self, packed: torch.Tensor, *, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Packed rows (B, frames * 7 + 2) of one window shape -> the emitted samples (B, emit * 2048) float32."""
+        frames, left, emit = shape
+        codes = packed[:, : frames * FRAME_TOKENS].reshape(-1, frames, FRAME_TOKENS)  # (B, F, 7)
+        return self._decode_group(codes, packed[:, -2:-1], packed[:, -1:], left, emit).float()
 
     def _decode_group(
         self, codes: torch.Tensor, keys: torch.Tensor, starts: torch.Tensor, left: int, emit: int

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from pipecat_orpheus.codec import SnacCodec, Window, hashed_normal
-from pipecat_orpheus.codec_worker import CodecWorker
+from pipecat_orpheus.codec import CodecStream, SnacCodec, Window, _buckets, graphed_shapes, hashed_normal
 from pipecat_orpheus.config import CodecConfig
-from pipecat_orpheus.errors import RequestCancelled
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes
 from pipecat_orpheus.loader import load_snac
 
@@ -142,113 +139,70 @@ def test_decoder_equals_snac_when_noise_is_off(snac):
     assert snr_db(streamed, ref) >= 40
 
 
-class Sink:
-    """Collects one request's chunks; optionally blocks in put() until released."""
-
-    def __init__(self, gate: threading.Event | None = None):
-        self.chunks: list[np.ndarray] = []
-        self.finished: list[BaseException | None] = []
-        self.gate = gate
-        self.entered = threading.Event()
-
-    def put(self, pcm: np.ndarray) -> None:
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(10)
-        self.chunks.append(pcm)
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self.finished.append(error)
-
-
-def test_worker_keeps_order_across_concurrent_requests(codec):
-    """Eight producer threads feeding one worker each get their whole utterance, in order, finished once."""
+def test_launch_decodes_mixed_shapes_and_requests_in_order(codec):
+    """One launch of windows of several shapes and requests gives each window the PCM its own decode gives."""
     rng = np.random.default_rng(6)
-    sequences = [rng.integers(0, CODEBOOK_SIZE, (n, 7)) for n in (1, 3, 5, 8, 13, 21, 30, 2)]
-    sinks = [Sink() for _ in sequences]
-
-    def produce(i: int, worker: CodecWorker) -> None:
-        stream = codec.open_stream(100 + i)
-        for frame in sequences[i]:
-            worker.submit(stream, stream.push(frame), sinks[i])
-        worker.submit(stream, stream.finish(), sinks[i], final=True)
-
-    with CodecWorker(codec) as worker:
-        threads = [threading.Thread(target=produce, args=(i, worker)) for i in range(len(sequences))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert worker.wait_idle(60)
-        lookahead = codec.config.lookahead_frames
-        assert worker.windows == sum(max(0, len(s) - lookahead) + (min(len(s), lookahead) > 0) for s in sequences)
-    for i, (seq, sink) in enumerate(zip(sequences, sinks, strict=False)):
-        assert sink.finished == [None]
-        streamed = np.concatenate(sink.chunks)
-        assert snr_db(streamed, codec.decode_frames(seq, 100 + i)) >= 40
+    streams = [codec.open_stream(100 + i, first_lookahead=i % 3) for i in range(6)]
+    windows = []
+    for i, stream in enumerate(streams):
+        for frame in rng.integers(0, CODEBOOK_SIZE, (i + 1, 7)):
+            windows += stream.push(frame)
+        windows += stream.finish()
+    assert len({w.shape_key for w in windows}) >= 4
+    order = rng.permutation(len(windows))
+    launched = codec.launch([windows[i] for i in order]).wait()
+    for pcm, i in zip(launched, order, strict=True):
+        np.testing.assert_allclose(pcm, codec.decode([windows[i]])[0], atol=1e-5)
+        assert len(pcm) == windows[i].emit * SAMPLES_PER_FRAME
 
 
-def test_worker_drops_cancelled_requests(codec):
-    """Windows of a request cancelled while queued are never decoded or delivered, and others go on."""
-    gate = threading.Event()
-    blocker, victim, other = Sink(gate), Sink(), Sink()
-    seq = np.random.default_rng(7).integers(0, CODEBOOK_SIZE, (6, 7))
-    with CodecWorker(codec) as worker:
-        s1, s2, s3 = (codec.open_stream(i) for i in range(3))
-        worker.submit(s1, s1.push(seq[0]) + [w for f in seq[1:] for w in s1.push(f)], blocker)
-        assert blocker.entered.wait(30)  # the worker is now stuck delivering s1's batch
-        for frame in seq:
-            worker.submit(s2, s2.push(frame), victim)
-            worker.submit(s3, s3.push(frame), other)
-        worker.submit(s2, s2.finish(), victim, final=True)
-        worker.submit(s3, s3.finish(), other, final=True)
-        s2.cancel()
-        gate.set()
-        assert worker.wait_idle(60)
-    assert victim.chunks == [] and victim.finished == []
-    assert other.finished == [None] and len(np.concatenate(other.chunks)) == len(seq) * SAMPLES_PER_FRAME
+def test_a_new_launch_waits_for_the_last_and_keeps_its_pcm(codec):
+    """Host buffers are reused: the PCM of a launch not yet waited for is kept when the next one starts."""
+    stream_a, stream_b = codec.open_stream(1), codec.open_stream(2)
+    frames = np.random.default_rng(8).integers(0, CODEBOOK_SIZE, (4, 7))
+    windows_a = [w for f in frames for w in stream_a.push(f)] + stream_a.finish()
+    windows_b = [w for f in frames[::-1] for w in stream_b.push(f)] + stream_b.finish()
+    first = codec.launch(windows_a)
+    second = codec.launch(windows_b)
+    expected = [codec.decode([w])[0] for w in windows_a]
+    for got, want in zip(first.wait(), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert sum(len(p) for p in second.wait()) == len(frames) * SAMPLES_PER_FRAME
 
 
-def test_worker_reports_decode_errors_and_close_cancels(codec):
-    """A failing batch ends its requests with the error; closing ends queued requests with RequestCancelled."""
-    sink = Sink()
-    stream = codec.open_stream(0)
-    broken = Window(stream, np.zeros((3, 6), dtype=np.int64), 0, 0, 3)  # 6 codes a frame: cannot decode
-    with CodecWorker(codec) as worker:
-        worker.submit(stream, [broken], sink, final=True)
-        assert worker.wait_idle(30)
-    assert len(sink.finished) == 1 and sink.finished[0] is not None
+@pytest.mark.parametrize(("left", "lookahead"), [(2, 2), (0, 0), (1, 3), (3, 1)])
+def test_graphed_shapes_cover_every_window_of_long_enough_streams(left, lookahead):
+    """Every window of a stream of `left + lookahead + 1` frames or more, any first lookahead, has a graphed shape."""
+    shapes = set(graphed_shapes(left, lookahead))
+    if (left, lookahead) == (2, 2):  # first frame (3 first lookaheads), frame 1, steady, tail
+        assert shapes == {(1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 1, 1), (5, 2, 1), (4, 2, 2)}
+    seen = set()
+    for frames in range(left + lookahead + 1, left + lookahead + 9):
+        for first in range(lookahead + 1):
+            stream = CodecStream(0, left, lookahead, first)
+            windows = [w for _ in range(frames) for w in stream.push(np.zeros(7, dtype=np.int64))] + stream.finish()
+            seen |= {w.shape_key for w in windows}
+    assert seen == shapes
 
-    blocker, queued = Sink(threading.Event()), Sink()
-    worker = CodecWorker(codec)
-    s1, s2 = codec.open_stream(1), codec.open_stream(2)
-    frames = np.zeros((3, 7), dtype=np.int64)
-    worker.submit(s1, [w for f in frames for w in s1.push(f)], blocker)
-    assert blocker.entered.wait(30)
-    worker.submit(s2, [w for f in frames for w in s2.push(f)], queued, final=True)
-    closer = threading.Thread(target=worker.close)
-    closer.start()
-    while not worker.closed:  # close() has taken the queue before the worker is let go
-        closer.join(0.01)
-    blocker.gate.set()
-    closer.join(30)
-    assert not closer.is_alive()
-    assert len(queued.finished) == 1 and isinstance(queued.finished[0], RequestCancelled)
+
+def test_buckets_fit_every_batch_with_little_padding():
+    """Graph batch buckets cover 1..max_batch, each batch padded by at most half of itself."""
+    for max_batch in (1, 5, 16, 256, 300):
+        buckets = _buckets(max_batch)
+        assert buckets[0] == 1 and buckets[-1] == max_batch
+        for b in range(1, max_batch + 1):
+            assert min(x for x in buckets if x >= b) <= max(1.5 * b, 2)
 
 
 def test_warmup_and_gpu_only_options(snac):
-    """A worker can warm every window shape up before serving; half precision, compile and graphs are GPU only."""
+    """Warm-up decodes every short stream shape; half precision, compile and graphs are GPU only."""
     cpu = SnacCodec(snac, CodecConfig(dtype="float16", compile=True, cuda_graphs=True), "cpu")
     cpu.capture_graphs()
     assert cpu.dtype == torch.float32 and cpu._steady_fn == cpu._decode_steady and not cpu._graphs
-    sink = Sink()
-    with CodecWorker(cpu, warmup=True) as worker:
-        assert worker.wait_idle(60) and worker.windows == 0
-        stream = cpu.open_stream(9)
-        worker.submit(stream, stream.push(np.full(7, 4095)), sink)
-        worker.submit(stream, stream.finish(), sink, final=True)
-        assert worker.wait_idle(60)
-    assert sink.finished == [None] and len(np.concatenate(sink.chunks)) == SAMPLES_PER_FRAME
+    cpu.warmup()
+    stream = cpu.open_stream(9)
+    pcm = cpu.decode(stream.push(np.full(7, 4095)) + stream.finish())
+    assert len(np.concatenate(pcm)) == SAMPLES_PER_FRAME
 
 
 def test_first_lookahead_emits_the_first_frame_early(snac):

@@ -1,14 +1,16 @@
 """OrpheusEngine: one per process (per GPU), shared by every caller, with continuous batching.
 
 `submit()` (from any event loop) turns text into one prompt per piece, admits the request to a
-slot or the bounded queue (else `EngineBusy`), and returns an `AudioStream`. A background step
-thread runs the loop
+slot or the bounded queue (else `EngineBusy`), and returns an `AudioStream`. One background
+thread owns the GPU and runs the loop
 
-    schedule -> runner.step (decode graph + chunked prefill + GPU sampling) -> postprocess -> codec
+    schedule -> launch SNAC for the last step's windows, then the decode graph + chunked prefill
+    + GPU sampling, all on one CUDA stream -> hand out the PCM while the step runs -> wait for
+    the tokens -> postprocess -> each request's completed 7-token frames to its `CodecStream`
 
-and hands each request's completed 7-token frames to its `CodecStream`; a `CodecWorker` thread
-decodes the ready windows of all requests in batches and puts the PCM on each caller's stream.
-Neither thread ever waits on a consumer, so a slow reader never stalls the batch.
+SNAC runs inside the step, on the engine's stream (CUDA graphs, batched over every request), so
+the codec never waits for SMs or the GIL behind the LLM, and its cost is part of the measured
+step time. The thread never waits on a consumer, so a slow reader never stalls the batch.
 
 First audio: a frame is normally decoded once `codec.lookahead_frames` (L) later frames exist,
 which costs 7 engine steps per frame of lookahead before the first audio. Each request's first
@@ -27,13 +29,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
 from loguru import logger
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.codec import CodecStream, SnacCodec
-from pipecat_orpheus.codec_worker import CodecWorker
+from pipecat_orpheus.codec import CodecStream, DecodedAudio, SnacCodec, Window
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.errors import ConfigError, RequestCancelled
 from pipecat_orpheus.synthesizer import AudioStream
@@ -42,7 +45,7 @@ from pipecat_orpheus.text import split_text
 from .model import OrpheusLM
 from .request import Request, SamplingParams
 from .runner import ModelRunner
-from .scheduler import Scheduler, StepOutput
+from .scheduler import ScheduledStep, Scheduler, StepOutput
 
 _FRAME_OFFSETS = fmt.AUDIO_TOKEN_OFFSET + fmt.CODEBOOK_SIZE * np.arange(fmt.FRAME_TOKENS)  # (7,) token -> code
 _FRAME_S = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE  # 85.3 ms of audio per 7-token frame
@@ -61,12 +64,35 @@ def first_lookahead(step_s: float | None, lookahead: int) -> int:
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters since start: steps run, tokens generated and prefilled, seconds in steps."""
+    """Counters since start: steps run, tokens generated and prefilled, SNAC windows decoded, seconds in steps."""
 
     steps: int = 0
     decode_tokens: int = 0
     prefill_tokens: int = 0
+    codec_windows: int = 0
     busy_s: float = 0.0
+
+
+class AudioSink(Protocol):
+    """Where a request's PCM goes (`synthesizer.AudioStream` is one); called on the engine thread."""
+
+    request_id: str
+
+    def put(self, pcm: np.ndarray) -> None:
+        """Take one chunk of float32 PCM."""
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End the request's audio, normally or with `error`."""
+
+
+@dataclass(slots=True)
+class _Audio:
+    """Windows of one request to decode before the next step; `final` ends its stream after them."""
+
+    codec_stream: CodecStream
+    windows: list[Window]
+    sink: AudioSink
+    final: bool
 
 
 class OrpheusEngine:
@@ -102,14 +128,14 @@ class OrpheusEngine:
         self.step_s: float | None = None  # EWMA of measured step seconds (picks each request's first lookahead)
         if config.engine.switch_interval_ms > 0:  # the step thread gets the GIL back soon after each GPU sync
             sys.setswitchinterval(config.engine.switch_interval_ms / 1e3)
-        # graphs and warm-up before the codec worker starts: no other thread may use the GPU meanwhile
+        # graphs and warm-up before the step thread starts: no other thread may use the GPU meanwhile
         self.runner.capture_graphs()
         self.runner.warm_up_prefill()
         codec.capture_graphs()
         # -- audio
         self.codec = codec
-        self.codec_worker = CodecWorker(codec, name="orpheus-codec")
         self._codec_streams: dict[str, CodecStream] = {}
+        self._audio: list[_Audio] = []  # windows the last step completed, decoded at the start of the next
         self._thread = threading.Thread(target=self._loop, name="orpheus-engine", daemon=True)
         self._thread.start()
 
@@ -184,13 +210,15 @@ class OrpheusEngine:
         with self._cond:
             for request_id in list(self._requests):
                 self._drop(request_id, notify=True)
-        self.codec_worker.close()
+            for audio in self._audio:  # finished generating, its last windows not yet decoded
+                if not audio.codec_stream.cancelled:
+                    audio.sink.finish(RequestCancelled(audio.sink.request_id))
+            self._audio = []
 
     def warm_up(self) -> None:
         """Run short requests end to end so the first caller pays no compile or allocation cost.
 
-        One per first-window lookahead the policy can pick: each is a window shape the codec
-        worker decodes eagerly, and its first use (cuDNN plans) would land on a caller's first audio.
+        One per first-window lookahead the policy can pick, so every first-window shape has run.
         """
 
         class _Sink:
@@ -213,45 +241,107 @@ class OrpheusEngine:
             sink = _Sink(f"warm-up-{lookahead}")
             self._submit_prompts([prompt], sampling, sink, lookahead=lookahead)
             sink.done.wait()
-        self.codec_worker.wait_idle()
 
     # -- the step thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.codec.device.type == "cuda":
+            self.codec.warmup()  # in this thread: a thread's first eager decode builds its cuDNN state (~1 s)
         while True:
             with self._cond:
                 self._apply_cancels()
-                while not self._closed and not self._requests and not self._cancels:
+                while not self._closed and not self._requests and not self._cancels and not self._audio:
                     self._cond.wait()
                 if self._closed:
                     return
                 self._apply_cancels()
                 step = self.scheduler.schedule()
-            if step.empty:
-                continue
             t0 = time.perf_counter()
-            try:
-                decoded, first = self.runner.step(step.decode, step.prefill)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
-                logger.exception(f"{self}: step failed")
-                with self._cond:
-                    for r in [*step.decode, *(c.request for c in step.prefill)]:
-                        self._drop(r.request_id, notify=False)
-                        r.stream.finish(e)
-                continue
-            now = time.perf_counter()
-            for chunk in step.prefill:
-                if chunk.last and chunk.request.first_token_s is None:
-                    chunk.request.first_token_s = now
-            with self._cond:
-                out = self.scheduler.postprocess(step, decoded.tolist(), first.tolist())
-                self._emit(out, now)
-            self.stats.steps += 1
-            self.stats.decode_tokens += len(step.decode) + len(first)
-            self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
+            self._step(step)
             dt = time.perf_counter() - t0
+            self.stats.steps += 1
             self.stats.busy_s += dt
             self.step_s = dt if self.step_s is None else self.step_s + _STEP_EWMA * (dt - self.step_s)
+
+    def _step(self, step: ScheduledStep) -> None:
+        """Decode the last step's windows, run this step, and turn its tokens into the next windows.
+
+        The GPU runs SNAC first, then the step, on one stream; the PCM is handed out while the
+        step runs, and only then does the thread wait for the step's tokens.
+        """
+        audio, self._audio = self._audio, []
+        decoded = self._launch_audio(audio)
+        launched = False
+        if not step.empty:
+            try:
+                self.runner.launch(step.decode, step.prefill)
+                launched = True
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
+                self._fail_step(step, e)
+        if decoded is not None:
+            self._deliver(audio, decoded)
+        if not launched:
+            return
+        try:
+            tokens, first = self.runner.collect()
+        except Exception as e:  # noqa: BLE001
+            self._fail_step(step, e)
+            return
+        now = time.perf_counter()
+        for chunk in step.prefill:
+            if chunk.last and chunk.request.first_token_s is None:
+                chunk.request.first_token_s = now
+        with self._cond:
+            out = self.scheduler.postprocess(step, tokens.tolist(), first.tolist())
+            self._emit(out, now)
+        self.stats.decode_tokens += len(step.decode) + len(first)
+        self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
+
+    def _fail_step(self, step: ScheduledStep, error: Exception) -> None:
+        logger.opt(exception=error).error(f"{self}: step failed")
+        with self._cond:
+            for r in [*step.decode, *(c.request for c in step.prefill)]:
+                self._drop(r.request_id, notify=False)
+                r.stream.finish(error)
+
+    def _launch_audio(self, audio: list[_Audio]) -> DecodedAudio | None:
+        """Queue the SNAC decode of `audio` on the engine's stream; a failure ends those requests with it."""
+        windows = [w for a in audio for w in a.windows]
+        if not windows:
+            return None
+        try:
+            with torch.cuda.stream(self.runner.stream):
+                return self.codec.launch(windows)
+        except Exception as e:  # noqa: BLE001 - only these requests fail; their slots are freed
+            logger.exception(f"{self}: SNAC decode of {len(windows)} windows failed")
+            self._fail_audio(audio, e)
+            return None
+
+    def _deliver(self, audio: list[_Audio], decoded: DecodedAudio) -> None:
+        """Put each request's PCM on its stream (in order) and end the streams that are done."""
+        try:
+            pcm = iter(decoded.wait())
+        except Exception as e:  # noqa: BLE001
+            logger.exception(f"{self}: SNAC decode failed")
+            self._fail_audio(audio, e)
+            return
+        for a in audio:
+            chunks = [next(pcm) for _ in a.windows]
+            if a.codec_stream.cancelled:
+                continue
+            for chunk in chunks:
+                a.sink.put(chunk)
+            if a.final:
+                a.sink.finish(None)
+        self.stats.codec_windows += sum(len(a.windows) for a in audio)
+
+    def _fail_audio(self, audio: list[_Audio], error: Exception) -> None:
+        with self._cond:
+            for a in audio:
+                if not a.codec_stream.cancelled:
+                    a.codec_stream.cancel()
+                    a.sink.finish(error)
+                    self._cancels.append((a.sink.request_id, False))  # frees the slot at the next step
 
     def _apply_cancels(self) -> None:
         cancels, self._cancels = self._cancels, []
@@ -269,31 +359,21 @@ class OrpheusEngine:
             request.stream.finish(RequestCancelled(request_id))
 
     def _emit(self, out: StepOutput, now: float) -> None:
-        """Completed frames to each request's codec stream; finished requests flush their tail.
-
-        Frames are pushed first and the ready windows submitted back to back, so the codec worker
-        wakes to the whole step's windows and decodes them as one batch.
-        """
-        ready = []
+        """Completed frames to each request's codec stream; its ready windows decode before the next step."""
         for request, ids in out.frames:
             if request.first_frame_s is None:
                 request.first_frame_s = now
             codec_stream = self._codec_streams.get(request.request_id)
-            if codec_stream is None:
-                continue
-            if codec_stream.cancelled:  # its decode failed (the caller has the error): free the slot
-                self._cancels.append((request.request_id, False))
+            if codec_stream is None or codec_stream.cancelled:
                 continue
             windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
             if windows:
-                ready.append((codec_stream, windows, request.stream, False))
+                self._audio.append(_Audio(codec_stream, windows, request.stream, final=False))
         for request in out.finished:
             self._requests.pop(request.request_id, None)
             codec_stream = self._codec_streams.pop(request.request_id, None)
             if codec_stream is not None:
-                ready.append((codec_stream, codec_stream.finish(), request.stream, True))
-        for codec_stream, windows, sink, final in ready:
-            self.codec_worker.submit(codec_stream, windows, sink, final=final)
+                self._audio.append(_Audio(codec_stream, codec_stream.finish(), request.stream, final=True))
 
     def __repr__(self) -> str:
         return f"OrpheusEngine(active={self.active_requests}, queued={self.queued_requests})"

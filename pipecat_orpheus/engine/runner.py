@@ -78,6 +78,7 @@ class ModelRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
         self._prev_decode: list[Request] = []  # the last step's decode rows (kept: their inputs update in place)
+        self._launched = (0, 0, 0)  # the launched step's decode rows, their graph bucket, and its completed prompts
         self._pad_rows = np.array([[self.dummy_slot], [0], [0], [0], [0]], dtype=np.int64)  # (5, 1) padding rows
 
     # -- memory ------------------------------------------------------------------------------
@@ -132,15 +133,31 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream every step runs on (None on CPU); the engine queues the codec's work on it too."""
+        return self._stream
+
     def step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
         """Run one engine step; returns the sampled tokens of the decode rows and of the last chunks."""
-        if self._stream is None:
-            return self._step(decode, prefill)
-        with torch.cuda.stream(self._stream):
-            return self._step(decode, prefill)
+        self.launch(decode, prefill)
+        return self.collect()
 
-    def _step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
+    @torch.inference_mode()
+    def launch(self, decode: list[Request], prefill: list[PrefillChunk]) -> None:
+        """Queue one step on the GPU and return at once; `collect()` waits for its tokens."""
+        with torch.cuda.stream(self._stream):
+            self._launch(decode, prefill)
+
+    def collect(self) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for the launched step (releasing the GIL): tokens of its decode rows and of its last chunks."""
+        n, bucket, m = self._launched
+        if self._done is not None:
+            self._done.synchronize()
+        tokens = self._host_out.numpy()
+        return tokens[:n].copy(), tokens[bucket : bucket + m].copy()
+
+    def _launch(self, decode: list[Request], prefill: list[PrefillChunk]) -> None:
         n = len(decode)
         bucket = 0
         prev, self._prev_decode = self._prev_decode, []
@@ -169,10 +186,8 @@ class ModelRunner:
         self._host_out[: bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
         if self._done is not None:
             self._done.record()
-            self._done.synchronize()  # releases the GIL while the GPU works
-        tokens = self._host_out.numpy()
+        self._launched = (n, bucket, m)
         self._prev_decode = list(decode)
-        return tokens[:n].copy(), tokens[bucket : bucket + m].copy()
 
     def _bucket(self, n: int) -> int:
         if not self._buckets:

@@ -81,14 +81,14 @@ async def test_full_engine_raises_busy_and_cancel_frees_slot(tiny_models, tiny_m
 
 
 class FailingCodec(SnacCodec):
-    """The real codec, with a decode that fails for one request's windows (fault injection at its boundary)."""
+    """The real codec, with a launch that fails for one request's windows (fault injection at its boundary)."""
 
     fail_key: int | None = None
 
-    def decode(self, windows):
+    def launch(self, windows):
         if any(w.stream.key == self.fail_key for w in windows):
             raise RuntimeError("injected SNAC failure")
-        return super().decode(windows)
+        return super().launch(windows)
 
 
 async def test_codec_failure_fails_the_request_and_frees_its_slot(tiny_models, tiny_model_dir):
@@ -162,6 +162,6 @@ async def test_warm_up_runs_every_first_window_shape_and_leaves_the_engine_idle(
         await asyncio.to_thread(engine.warm_up)
         requests = engine.codec.config.lookahead_frames + 1  # first lookahead 0, 1, ..., L
         assert engine.stats.decode_tokens == requests * 4 * 7 and engine.active_requests == 0  # 4 frames each
-        assert engine.codec_worker.windows >= 2 * requests  # at least a first window and a last one each
+        assert engine.stats.codec_windows >= 2 * requests  # at least a first window and a last one each
     finally:
         engine.close()
