@@ -128,7 +128,7 @@ def correctness(llm, tokenizer, device, args, kv_cache_dtype: str, ref: list | N
             sched.admit(reqs[step_no])  # one joins per step: prefill interleaves with decode
         step = sched.schedule()
         if not step.empty:
-            dec, first = runner.step(step.decode, step.prefill)
+            dec, first = runner.step(step)
             sched.postprocess(step, dec.tolist(), first.tolist())
         step_no += 1
     ref = ref or [list(generate_tokens(llm, p, greedy)) for p in prompts]

@@ -245,6 +245,7 @@ class SnacCodec:
         self._out_host = torch.zeros(rows * SAMPLES_PER_FRAME, dtype=torch.float32, pin_memory=gpu)
         self._in_used = self._out_used = 0
         self._inflight: DecodedAudio | None = None
+        self._done = torch.cuda.Event() if gpu else None  # recorded after each launch (one is in flight at most)
 
     def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A private copy with weight norm folded into plain weights, in eval mode on our device."""
@@ -300,11 +301,9 @@ class SnacCodec:
                     pcm = self._to_host(self._run([windows[i] for i in part], key))  # (b, emit * 2048)
                     for j, i in enumerate(part):
                         chunks[i] = pcm[j]
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        self._inflight = DecodedAudio(chunks, done)  # type: ignore[arg-type]
+        if self._done is not None:
+            self._done.record()
+        self._inflight = DecodedAudio(chunks, self._done)  # type: ignore[arg-type]
         return self._inflight
 
     def warmup(self) -> None:

@@ -4,9 +4,14 @@
 slot or the bounded queue (else `EngineBusy`), and returns an `AudioStream`. One background
 thread owns the GPU and runs the loop
 
-    schedule -> launch SNAC for the last step's windows, then the decode graph + chunked prefill
-    + GPU sampling, all on one CUDA stream -> hand out the PCM while the step runs -> wait for
-    the tokens -> postprocess -> each request's completed 7-token frames to its `CodecStream`
+    schedule step k+1 -> launch SNAC for the ready windows, then step k+1 (decode graph + chunked
+    prefill + GPU sampling), behind step k on one CUDA stream -> wait for step k's tokens ->
+    postprocess -> each request's completed 7-token frames to its `CodecStream` -> hand out the
+    PCM of the SNAC launch
+
+Step k+1 is launched before the host has seen step k's tokens (each decode row reads its input
+token on the GPU; the scheduler drops rows that turn out to have ended), so the GPU never idles
+while the host works.
 
 SNAC runs inside the step, on the engine's stream (CUDA graphs, batched over every request), so
 the codec never waits for SMs or the GIL behind the LLM, and its cost is part of the measured
@@ -247,41 +252,47 @@ class OrpheusEngine:
     def _loop(self) -> None:
         if self.codec.device.type == "cuda":
             self.codec.warmup()  # in this thread: a thread's first eager decode builds its cuDNN state (~1 s)
+        in_flight: ScheduledStep | None = None
         while True:
             with self._cond:
                 self._apply_cancels()
-                while not self._closed and not self._requests and not self._cancels and not self._audio:
+                while not (self._closed or self._requests or self._cancels or self._audio or in_flight):
                     self._cond.wait()
                 if self._closed:
                     return
                 self._apply_cancels()
                 step = self.scheduler.schedule()
             t0 = time.perf_counter()
-            self._step(step)
+            in_flight = self._step(step, in_flight)
             dt = time.perf_counter() - t0
             self.stats.steps += 1
             self.stats.busy_s += dt
             self.step_s = dt if self.step_s is None else self.step_s + _STEP_EWMA * (dt - self.step_s)
 
-    def _step(self, step: ScheduledStep) -> None:
-        """Decode the last step's windows, run this step, and turn its tokens into the next windows.
+    def _step(self, step: ScheduledStep, in_flight: ScheduledStep | None) -> ScheduledStep | None:
+        """Launch SNAC for the ready windows and `step` behind the step in flight, then finish that one.
 
-        The GPU runs SNAC first, then the step, on one stream; the PCM is handed out while the
-        step runs, and only then does the thread wait for the step's tokens.
+        The GPU runs [step in flight] [SNAC] [step] back to back on one stream: while it works
+        through them the host applies the tokens of the step in flight and hands out the PCM, so
+        the GPU never waits for the host. Returns the step now in flight.
         """
         audio, self._audio = self._audio, []
         decoded = self._launch_audio(audio)
-        launched = False
+        launched = None
         if not step.empty:
             try:
-                self.runner.launch(step.decode, step.prefill)
-                launched = True
+                self.runner.launch(step)
+                launched = step
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
                 self._fail_step(step, e)
+        if in_flight is not None:
+            self._finish(in_flight)
         if decoded is not None:
             self._deliver(audio, decoded)
-        if not launched:
-            return
+        return launched
+
+    def _finish(self, step: ScheduledStep) -> None:
+        """Wait for `step`'s tokens and apply them: frames to the codec streams, finished requests out."""
         try:
             tokens, first = self.runner.collect()
         except Exception as e:  # noqa: BLE001

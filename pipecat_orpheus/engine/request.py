@@ -78,8 +78,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     piece: int = 0  # index of the piece being generated
-    num_prefilled: int = 0  # tokens of the current prompt already in the KV cache
-    num_generated: int = 0  # audio tokens generated for the current piece
+    num_prefilled: int = 0  # tokens of the current prompt scheduled into the KV cache
+    num_generated: int = 0  # audio tokens generated (received) for the current piece
+    num_scheduled: int = 0  # audio tokens of the current piece whose sampling has been launched (>= num_generated)
+    epoch: int = 0  # pieces started: a decode row scheduled for an earlier piece is stale
     num_generated_total: int = 0  # audio tokens generated over every piece (the noise counter)
     max_new_tokens: int = 0  # this piece's cap, whole frames, set by the scheduler on joining a slot
     output_ids: list[list[int]] = field(default_factory=list)  # generated ids per piece (incl. END_OF_SPEECH)

@@ -2,16 +2,21 @@
 
 The runner owns the static slotted KV cache (sized from config and checked against free memory
 at start), the per-slot sampling parameters and repetition-penalty presence masks, and the
-persistent input/output buffers. A step is: one H2D copy of a pinned int64 block (slots, tokens,
-positions, counters), a CUDA-graph replay of decode + sampling for the smallest captured batch
-size that fits (padding rows write to a dummy slot), the eager prefill of this step's prompt
-chunks queued behind it, and one D2H copy of the sampled tokens that the host waits for.
+persistent input/output buffers. A step is: one H2D copy of a pinned int64 block (slots, where
+each row's input token is in the last step's output, positions, counters), a CUDA-graph replay
+of decode + sampling for the smallest captured batch size that fits (padding rows write to a
+dummy slot), the eager prefill of this step's prompt chunks queued behind it, and one D2H copy
+of the sampled tokens. Input tokens never travel through the host, so the next step can be
+launched before the host has seen this one's tokens: `launch()` queues a step, `collect()` waits
+for the oldest one; two may be in flight (pinned buffers alternate between them).
 With `enforce_eager` (and always on CPU) the same step function runs without graphs.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,11 +32,23 @@ from .attention import triton_available
 from .model import OrpheusLM
 from .request import Request, SamplingParams
 from .sampler import N_HEAD_ROWS, SamplingRows, sample
-from .scheduler import PrefillChunk
+from .scheduler import PrefillChunk, ScheduledStep
 
-_IN_ROWS = 5  # decode input block: slot, token, position, num_generated, noise_step
+_IN_ROWS = 5  # decode input block: slot, index of the input token in `_dev_out`, position, num_generated, noise_step
+_IN_FLIGHT = 2  # steps launched and not yet collected, at most: pinned host buffers alternate between them
 _ACTIVATION_RESERVE = 2 * 2**30  # bytes kept free beyond the KV cache for activations and graphs
 _PREFILL_PAD = 16  # prefill chunks are padded to a multiple of this: few distinct GEMM shapes to warm up
+
+
+@dataclass(frozen=True, slots=True)
+class _Launched:
+    """A step in flight: its decode rows, graph bucket, completed prompts, and which host buffers it uses."""
+
+    n: int
+    bucket: int
+    m: int
+    buffer: int
+    done: torch.cuda.Event | None
 
 
 def graph_ladder(max_batch: int) -> list[int]:
@@ -77,8 +94,9 @@ class ModelRunner:
         self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
-        self._prev_decode: list[Request] = []  # the last step's decode rows (kept: their inputs update in place)
-        self._launched = (0, 0, 0)  # the launched step's decode rows, their graph bucket, and its completed prompts
+        self._in_flight: deque[_Launched] = deque()
+        self._launches = 0
+        self._token_index: dict[Request, int] = {}  # where each request's last sampled token is in `_dev_out`
         self._pad_rows = np.array([[self.dummy_slot], [0], [0], [0], [0]], dtype=np.int64)  # (5, 1) padding rows
 
     # -- memory ------------------------------------------------------------------------------
@@ -106,19 +124,19 @@ class ModelRunner:
         self.min_tokens = torch.zeros(s, dtype=torch.int64, device=self.device)  # (S + 1,)
         self.presence = torch.zeros(s, N_HEAD_ROWS, dtype=torch.bool, device=self.device)  # (S + 1, head rows)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)  # ()
-        # step I/O: one pinned block in, the sampled tokens out
+        # step I/O: one pinned block in, the sampled tokens out; host buffers alternate between steps in flight
         pin = self.device.type == "cuda"
-        self._host_in = torch.zeros(_IN_ROWS, s, dtype=torch.int64, pin_memory=pin)  # (5, S + 1)
+        self._host_in = torch.zeros(_IN_FLIGHT, _IN_ROWS, s, dtype=torch.int64, pin_memory=pin)  # (2, 5, S + 1)
         self._dev_in = torch.zeros(_IN_ROWS, s, dtype=torch.int64, device=self.device)  # (5, S + 1)
         self._dev_out = torch.zeros(2 * s, dtype=torch.int64, device=self.device)  # (2 (S + 1),) decode, then prefill
-        self._host_out = torch.zeros(2 * s, dtype=torch.int64, pin_memory=pin)  # (2 (S + 1),)
+        self._host_out = torch.zeros(_IN_FLIGHT, 2 * s, dtype=torch.int64, pin_memory=pin)  # (2, 2 (S + 1))
         # prefill I/O: ids | positions | slots per prompt token (T padded), then rows | slots | noise steps per
         # completed prompt (at most one per slot); the scheduler keeps a step's tokens within prefill_chunk_tokens
         self.prefill_capacity = -(-self.config.prefill_chunk_tokens // _PREFILL_PAD) * _PREFILL_PAD
         size = 3 * self.prefill_capacity + 3 * s
-        self._host_pf = torch.zeros(size, dtype=torch.int64, pin_memory=pin)  # (3 T_max + 3 (S + 1),)
+        self._host_pf = torch.zeros(_IN_FLIGHT, size, dtype=torch.int64, pin_memory=pin)  # (2, 3 T_max + 3 (S + 1))
         self._dev_pf = torch.zeros(size, dtype=torch.int64, device=self.device)  # (3 T_max + 3 (S + 1),)
-        self._done = torch.cuda.Event() if pin else None
+        self._done = [torch.cuda.Event() if pin else None for _ in range(_IN_FLIGHT)]  # one per host buffer
 
     # -- per-slot state ----------------------------------------------------------------------
 
@@ -138,56 +156,57 @@ class ModelRunner:
         """The CUDA stream every step runs on (None on CPU); the engine queues the codec's work on it too."""
         return self._stream
 
-    def step(self, decode: list[Request], prefill: list[PrefillChunk]) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, step: ScheduledStep) -> tuple[np.ndarray, np.ndarray]:
         """Run one engine step; returns the sampled tokens of the decode rows and of the last chunks."""
-        self.launch(decode, prefill)
+        self.launch(step)
         return self.collect()
 
     @torch.inference_mode()
-    def launch(self, decode: list[Request], prefill: list[PrefillChunk]) -> None:
+    def launch(self, step: ScheduledStep) -> None:
         """Queue one step on the GPU and return at once; `collect()` waits for its tokens."""
+        if len(self._in_flight) == _IN_FLIGHT:
+            raise RuntimeError(f"{_IN_FLIGHT} steps are in flight: collect() one first")
         with torch.cuda.stream(self._stream):
-            self._launch(decode, prefill)
+            self._launch(step)
 
     def collect(self) -> tuple[np.ndarray, np.ndarray]:
-        """Wait for the launched step (releasing the GIL): tokens of its decode rows and of its last chunks."""
-        n, bucket, m = self._launched
-        if self._done is not None:
-            self._done.synchronize()
-        tokens = self._host_out.numpy()
+        """Wait for the oldest step in flight (releasing the GIL): tokens of its decode rows and of its last chunks."""
+        launched = self._in_flight.popleft()
+        if launched.done is not None:
+            launched.done.synchronize()
+        tokens = self._host_out[launched.buffer].numpy()
+        n, bucket, m = launched.n, launched.bucket, launched.m
         return tokens[:n].copy(), tokens[bucket : bucket + m].copy()
 
-    def _launch(self, decode: list[Request], prefill: list[PrefillChunk]) -> None:
-        n = len(decode)
-        bucket = 0
-        prev, self._prev_decode = self._prev_decode, []
+    def _launch(self, step: ScheduledStep) -> None:
+        decode, buffer = step.decode, self._launches % _IN_FLIGHT
+        n, bucket = len(decode), 0
         if n:
             bucket = self._bucket(n)
-            host = self._host_in.numpy()  # (5, S + 1) view of the pinned block
-            if n == len(prev) and all(a is b for a, b in zip(decode, prev, strict=True)):
-                # the same rows as the last step, each one token further (an END_OF_SPEECH leaves the batch)
-                host[1, :n] = self._host_out.numpy()[:n]  # the tokens that step sampled
-                host[2:, :n] += 1  # position, num_generated, num_generated_total
-            else:
-                host[:, :n] = [
-                    [r.slot for r in decode],
-                    [r.last_token for r in decode],
-                    [r.num_prompt_tokens + r.num_generated - 1 for r in decode],
-                    [r.num_generated for r in decode],
-                    [r.num_generated_total for r in decode],
-                ]
+            host = self._host_in[buffer].numpy()  # (5, S + 1) view of this step's pinned block
+            total = [r.num_generated_total + g - r.num_generated for r, g in zip(decode, step.generated, strict=True)]
+            host[:, :n] = [
+                [r.slot for r in decode],
+                [self._token_index[r] for r in decode],  # every decode row sampled its input in the last step
+                [r.num_prompt_tokens + g - 1 for r, g in zip(decode, step.generated, strict=True)],
+                step.generated,
+                total,  # the noise counter: audio tokens of every piece before this one
+            ]
             host[:, n:bucket] = self._pad_rows
-            self._dev_in[:, :bucket].copy_(self._host_in[:, :bucket], non_blocking=True)
+            self._dev_in[:, :bucket].copy_(self._host_in[buffer, :, :bucket], non_blocking=True)
             if bucket in self._graphs:
                 self._graphs[bucket].replay()
             else:
                 self._decode_step(bucket, max_len=int(host[2, :n].max()) + 1)
-        m = self._prefill(prefill, offset=bucket) if prefill else 0
-        self._host_out[: bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
-        if self._done is not None:
-            self._done.record()
-        self._launched = (n, bucket, m)
-        self._prev_decode = list(decode)
+        completed = [c.request for c in step.prefill if c.last]
+        m = self._prefill(step.prefill, offset=bucket, buffer=buffer) if step.prefill else 0
+        self._host_out[buffer, : bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
+        done = self._done[buffer]
+        if done is not None:
+            done.record()
+        self._in_flight.append(_Launched(n, bucket, m, buffer, done))
+        self._launches += 1
+        self._token_index = {r: i for i, r in enumerate(decode)} | {r: bucket + j for j, r in enumerate(completed)}
 
     def _bucket(self, n: int) -> int:
         if not self._buckets:
@@ -207,7 +226,8 @@ class ModelRunner:
 
     def _decode_step(self, bs: int, *, max_len: int) -> None:
         """Decode + sample `bs` rows from `_dev_in` into `_dev_out` (the body of each CUDA graph)."""
-        slots, tokens, positions, num_generated, noise_step = self._dev_in[:, :bs]  # (bs,) each
+        slots, token_index, positions, num_generated, noise_step = self._dev_in[:, :bs]  # (bs,) each
+        tokens = self._dev_out[token_index]  # (bs,) sampled by the last step, read before this one writes
         logits = self.lm.decode(
             tokens, positions, slots, self.k_cache, self.v_cache, max_len=max_len, use_triton=self.use_triton
         )  # (bs, head rows)
@@ -215,7 +235,7 @@ class ModelRunner:
         self.presence.index_put_((slots, out.head_rows), self._true)  # a device scalar: graph-safe
         self._dev_out[:bs] = out.token_ids
 
-    def _prefill(self, chunks: list[PrefillChunk], *, offset: int) -> int:
+    def _prefill(self, chunks: list[PrefillChunk], *, offset: int, buffer: int) -> int:
         """Prefill `chunks` (eager, one flat row per prompt token); first tokens go to `_dev_out[offset:]`.
 
         Every host input travels in one non-blocking copy from a persistent pinned block, so
@@ -229,7 +249,7 @@ class ModelRunner:
         t = -(-total // _PREFILL_PAD) * _PREFILL_PAD  # padded: the GEMM shapes are few and warmed up
         if t > self.prefill_capacity:
             raise ValueError(f"{total} prefill tokens in one step exceed engine.prefill_chunk_tokens")
-        host = self._host_pf.numpy()  # (3 T_max + 3 (S + 1),) view of the pinned block
+        host = self._host_pf[buffer].numpy()  # (3 T_max + 3 (S + 1),) view of this step's pinned block
         ids, pos, slot = host[:t], host[t : 2 * t], host[2 * t : 3 * t]  # (T,) views
         done: list[tuple[int, int, int]] = []  # (flat row, slot, noise step) of each completed prompt
         i = 0
@@ -245,7 +265,7 @@ class ModelRunner:
         m = len(done)
         if m:
             host[3 * t : 3 * t + 3 * m] = np.array(done, dtype=np.int64).T.reshape(-1)  # rows | slots | steps
-        self._dev_pf[: 3 * t + 3 * m].copy_(self._host_pf[: 3 * t + 3 * m], non_blocking=True)
+        self._dev_pf[: 3 * t + 3 * m].copy_(self._host_pf[buffer, : 3 * t + 3 * m], non_blocking=True)
         dev = self._dev_pf
         x = self.lm.prefill(
             dev[:t],
@@ -289,7 +309,7 @@ class ModelRunner:
                 request = Request(f"warm-up-{j}", [[0] * t], dummy, seed=j)
                 request.slot = self.dummy_slot
                 chunks.append(PrefillChunk(request, 0, t))
-            self.step([], chunks)
+            self.step(ScheduledStep([], chunks))
 
     # -- CUDA graphs -------------------------------------------------------------------------
 
@@ -299,8 +319,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         ladder = graph_ladder(self.max_slots)
-        self._host_in[:] = torch.from_numpy(self._pad_rows)
-        self._dev_in.copy_(self._host_in)
+        self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))
         pool = None
         for bs in tqdm(list(reversed(ladder)), desc="Capturing CUDA graphs", unit="graph"):
             self._decode_step(bs, max_len=self.max_len)  # warm-up: compiles kernels, sizes the pool

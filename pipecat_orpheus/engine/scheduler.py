@@ -5,6 +5,12 @@ A request joins a free slot at once or waits in a FIFO queue of at most `max_que
 `prefill_chunk_tokens` prompt tokens of those in PREFILL (one chunk per request, oldest first),
 so joining requests never stall the live ones. A finished or cancelled request leaves its slot
 at once and the oldest waiting request takes it.
+
+Scheduling runs one step ahead of the results: `schedule()` may be called again before the
+last step's `postprocess()`, as the engine does to keep the GPU busy while the host handles
+tokens. A request goes to DECODE when its last prompt chunk is scheduled, and each decode row
+reads the token its previous step sampled on the GPU. A row scheduled past the end of its piece
+(it sampled END_OF_SPEECH in the step before) is stale: `postprocess` drops its token.
 """
 
 from __future__ import annotations
@@ -36,10 +42,16 @@ class PrefillChunk:
 
 @dataclass(slots=True)
 class ScheduledStep:
-    """What one engine step runs: a decode batch (by slot) and prefill chunks."""
+    """What one engine step runs: a decode batch (by slot) and prefill chunks.
+
+    `generated[i]` is the number of audio tokens of decode row i's piece before the one this step
+    samples (its input token is the last of them); `epochs[i]` the piece it was scheduled for.
+    """
 
     decode: list[Request]
     prefill: list[PrefillChunk]
+    generated: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -132,36 +144,45 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:
-        """The decode batch (every DECODE request, by slot) and this step's prefill chunks."""
-        decode = [r for r in self._slots if r is not None and r.status is RequestStatus.DECODE]
-        chunks: list[PrefillChunk] = []
+        """The decode batch (every DECODE request with tokens left, by slot) and this step's prefill chunks."""
+        step = ScheduledStep([], [])
+        for r in self._slots:
+            if r is not None and r.status is RequestStatus.DECODE and r.num_scheduled < r.max_new_tokens:
+                step.decode.append(r)
+                step.generated.append(r.num_scheduled)
+                step.epochs.append(r.epoch)
+                r.num_scheduled += 1
         budget = self.prefill_chunk_tokens
         for request in self._prefilling:
             if budget == 0:
                 break
             n = min(request.num_prompt_tokens - request.num_prefilled, budget)
-            chunks.append(PrefillChunk(request, request.num_prefilled, request.num_prefilled + n))
+            step.prefill.append(PrefillChunk(request, request.num_prefilled, request.num_prefilled + n))
+            request.num_prefilled += n
             budget -= n
-        return ScheduledStep(decode, chunks)
+        for chunk in step.prefill:
+            if chunk.last:  # its first audio token is sampled by this step: it decodes from the next one
+                self._prefilling.remove(chunk.request)
+                chunk.request.status = RequestStatus.DECODE
+                chunk.request.num_scheduled = 1
+        return step
 
     def postprocess(
         self, step: ScheduledStep, decode_tokens: Sequence[int], prefill_tokens: Sequence[int]
     ) -> StepOutput:
-        """Apply a step's sampled tokens: one per decode row, one per prefill chunk that was `last`."""
+        """Apply a step's sampled tokens: one per decode row, one per prefill chunk that was `last`.
+
+        Tokens of requests cancelled since, and of stale rows (their piece ended), are dropped.
+        """
         out = StepOutput()
         first_tokens = iter(prefill_tokens)
         for chunk in step.prefill:
-            request = chunk.request
-            token = next(first_tokens) if chunk.last else None
-            if request.status is not RequestStatus.PREFILL:
-                continue
-            request.num_prefilled = chunk.end
-            if token is not None:
-                self._prefilling.remove(request)
-                request.status = RequestStatus.DECODE
-                self._append(request, token, out)
-        for request, token in zip(step.decode, decode_tokens, strict=True):
-            if request.status is RequestStatus.DECODE:
+            if chunk.last:
+                token = next(first_tokens)
+                if chunk.request.status is RequestStatus.DECODE:
+                    self._append(chunk.request, token, out)
+        for request, token, epoch in zip(step.decode, decode_tokens, step.epochs, strict=True):
+            if request.status is RequestStatus.DECODE and request.epoch == epoch:
                 self._append(request, token, out)
         return out
 
@@ -174,8 +195,10 @@ class Scheduler:
 
     def _start_piece(self, request: Request) -> None:
         request.status = RequestStatus.PREFILL
+        request.epoch += 1
         request.num_prefilled = 0
         request.num_generated = 0
+        request.num_scheduled = 0
         request.output_ids.append([])
         room = min(request.sampling.max_tokens, self.max_tokens_per_slot - request.num_prompt_tokens)
         request.max_new_tokens = room - room % FRAME_TOKENS  # whole frames: SNAC never sees a partial one

@@ -91,6 +91,37 @@ def test_end_of_speech_ends_piece_and_next_piece_reuses_slot():
     assert out.finished == [r] and r.output_ids == [[AUDIO, fmt.END_OF_SPEECH]] * 2
 
 
+def test_rows_scheduled_past_end_of_speech_are_dropped():
+    """Scheduled one step ahead, a row whose previous step sampled END_OF_SPEECH is stale: its token is dropped."""
+    s = make_scheduler(max_slots=1, prefill_chunk_tokens=64)
+    r = make_request(0, pieces=2)
+    s.admit(r)
+    run_step(s)  # piece 0 prefilled, first token
+    k = s.schedule()
+    k_next = s.schedule()  # scheduled before k's tokens are applied: r is assumed to go on
+    assert k_next.decode == [r] and k_next.generated == [2]
+    s.postprocess(k, [fmt.END_OF_SPEECH], [])
+    assert r.piece == 1 and r.status is RequestStatus.PREFILL
+    piece_1 = s.schedule()  # piece 1's prompt, scheduled before the stale step is applied
+    assert [(c.request, c.last) for c in piece_1.prefill] == [(r, True)] and r.status is RequestStatus.DECODE
+    out = s.postprocess(k_next, [AUDIO], [])
+    assert not out.frames and r.output_ids == [[AUDIO, fmt.END_OF_SPEECH], []]
+    s.postprocess(piece_1, [], [AUDIO])
+    assert r.output_ids[1] == [AUDIO] and r.num_generated == 1
+
+
+def test_rows_stop_being_scheduled_at_max_tokens():
+    """A row is not scheduled past its piece's cap even before the tokens of the steps in flight are applied."""
+    s = make_scheduler(max_slots=1, prefill_chunk_tokens=64)
+    r = make_request(0, max_tokens=7)
+    s.admit(r)
+    steps = [s.schedule() for _ in range(9)]
+    assert [len(step.decode) for step in steps] == [0] + [1] * 6 + [0, 0]
+    for step in steps:
+        s.postprocess(step, [AUDIO] * len(step.decode), [AUDIO] * sum(c.last for c in step.prefill))
+    assert r.status is RequestStatus.FINISHED and r.output_ids == [[AUDIO] * 7]
+
+
 def test_max_new_tokens_is_whole_frames_within_slot():
     """The per-piece cap is rounded down to whole frames and never overflows the slot."""
     s = make_scheduler(max_tokens_per_slot=64)
