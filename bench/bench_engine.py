@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import math
 import sys
 import tempfile
 import time
@@ -175,8 +176,8 @@ def codec_graph_check(snac, config, device, rng) -> dict:
     eager = SnacCodec(snac, dataclasses.replace(config.codec, compile=False, cuda_graphs=False), device)
     left, lookahead = config.codec.left_context_frames, config.codec.lookahead_frames
     snr = {}
-    for first in range(lookahead + 1):
-        streams = [graphed.open_stream(seed, first_lookahead=first) for seed in range(3)]
+    for ramp in (None, 0.3, 0.5, 1.0, math.inf):
+        streams = [graphed.open_stream(seed, ramp=ramp) for seed in range(3)]
         for t in range(left + lookahead + 3):
             windows = [w for s in streams for w in s.push(rng.integers(0, fmt.CODEBOOK_SIZE, 7))]
             windows += [w for s in streams for w in s.finish()] if t == left + lookahead + 2 else []
@@ -315,7 +316,7 @@ def main() -> None:
         log(f"codec graphs vs eager: {result['codec_graph_check']}")
     t0 = time.perf_counter()
     # the engine captures its decode graphs, warms every prefill shape up and captures the codec's graphs;
-    # warm_up() then runs a request end to end per first-window lookahead
+    # warm_up() then runs two requests end to end (full lookahead, then a lookahead ramp)
     engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config)
     engine.warm_up()
     result["engine_start_s"] = time.perf_counter() - t0

@@ -52,17 +52,16 @@ def _buckets(max_batch: int) -> list[int]:
 
 
 def graphed_shapes(left: int, lookahead: int) -> list[tuple[int, int, int]]:
-    """Window shapes (frames, left, emit) of every stream of `left + lookahead + 1` frames or more.
+    """Window shapes (frames, left, emit) of every stream of more than `left + lookahead` frames.
 
-    Its first frames (any first lookahead), the steady state and the tail flushed at the end of
-    speech; longer streams only add steady windows. Shorter streams decode eagerly.
+    Frame 0 at once (a lookahead ramp) or with the full lookahead; any later frame with any left
+    context up to `left` and any lookahead up to `lookahead` (the ramp, the steady state); and
+    the tail flushed at the end of speech (full left context, up to `lookahead` frames).
+    Shorter streams decode eagerly.
     """
-    silence = np.zeros(FRAME_TOKENS, dtype=np.int64)
-    shapes = set()
-    for first in range(lookahead + 1):
-        stream = CodecStream(0, left, lookahead, first)
-        windows = [w for _ in range(left + lookahead + 1) for w in stream.push(silence)] + stream.finish()
-        shapes |= {w.shape_key for w in windows}
+    shapes = {(1, 0, 1), (1 + lookahead, 0, 1)}
+    shapes |= {(ctx + 1 + ahead, ctx, 1) for ctx in range(min(1, left), left + 1) for ahead in range(lookahead + 1)}
+    shapes |= {(left + emit, left, emit) for emit in range(1, lookahead + 1)}
     return sorted(shapes)
 
 
@@ -121,23 +120,31 @@ class Window:
 class CodecStream:
     """One request's frame buffer: push frames, get the windows that became ready.
 
-    The first frame may go out with less lookahead (`first_lookahead`) than the rest: first
-    audio comes 7 engine steps sooner per frame saved, at the cost of fidelity at the end of
-    that one frame. The engine picks it per request from its current step time, so the stream
-    still stays ahead of playback while it catches up to the full lookahead.
+    With a lookahead `ramp` r, frame k waits for min(lookahead, floor(k * r)) later frames instead
+    of `lookahead`: frame 0 goes out as soon as it exists and the lookahead grows back to full
+    over the first frames, at the cost of fidelity at the ends of those frames. The engine picks
+    r per request from its step time so that each frame's window is ready before the audio
+    before it has finished playing (see `lookahead_ramp`). Without a ramp every frame waits for
+    the full lookahead.
     """
 
-    def __init__(self, key: int, left_context: int, lookahead: int, first_lookahead: int | None = None):
+    def __init__(self, key: int, left_context: int, lookahead: int, ramp: float | None = None):
         self.key = key
         self._left = left_context
         self._lookahead = lookahead
-        self._first_lookahead = lookahead if first_lookahead is None else min(first_lookahead, lookahead)
+        self._ramp = ramp
         self._frames: list[np.ndarray] = []  # frames from absolute index self._base on
         self._base = 0
         self._pushed = 0
         self._next = 0  # first frame not yet handed out in a window
         self.finished = False
         self.cancelled = False
+
+    def lookahead(self, frame: int) -> int:
+        """How many later frames `frame` waits for before it is decoded."""
+        if self._ramp is None:
+            return self._lookahead
+        return math.floor(min(self._lookahead, frame * self._ramp)) if frame else 0
 
     @property
     def frames_pushed(self) -> int:
@@ -153,7 +160,7 @@ class CodecStream:
             raise ValueError(f"a frame is {FRAME_TOKENS} codes in [0, {CODEBOOK_SIZE}), got {frame_codes!r}")
         self._frames.append(codes)
         self._pushed += 1
-        lookahead = self._first_lookahead if self._next == 0 else self._lookahead
+        lookahead = self.lookahead(self._next)  # a ramp never lowers it: at most one window per frame
         if self._next + lookahead < self._pushed:
             return [self._window(self._next, 1, self._next + 1 + lookahead)]
         return []
@@ -168,7 +175,7 @@ class CodecStream:
         return [self._window(self._next, self._pushed - self._next, self._pushed)]
 
     def cancel(self) -> None:
-        """Drop this request: a `CodecWorker` discards its pending windows."""
+        """Drop this request: the engine discards its pending windows and PCM."""
         self.cancelled = True
 
     def _window(self, first: int, emit: int, end: int) -> Window:
@@ -264,15 +271,10 @@ class SnacCodec:
     def _leaves(layers: list[nn.Module]) -> list[nn.Module]:
         return [m for layer in layers for m in layer.modules() if not list(m.children())]
 
-    def open_stream(self, seed: int | None = None, *, first_lookahead: int | None = None) -> CodecStream:
-        """A stream for one request; `seed` fixes its noise (None: a random one).
-
-        `first_lookahead` (default: `lookahead_frames`) is the right context of the first frame.
-        """
+    def open_stream(self, seed: int | None = None, *, ramp: float | None = None) -> CodecStream:
+        """A stream for one request; `seed` fixes its noise (None: a random one); `ramp`: see `CodecStream`."""
         seed = secrets.randbits(63) if seed is None else seed
-        return CodecStream(
-            noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames, first_lookahead
-        )
+        return CodecStream(noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames, ramp)
 
     def decode(self, windows: list[Window]) -> list[np.ndarray]:
         """Decode `windows` (any requests, any shapes) on the codec's own stream: float32 PCM per window."""
@@ -307,7 +309,7 @@ class SnacCodec:
         return self._inflight
 
     def warmup(self) -> None:
-        """Decode streams of every short length and first lookahead once: every window shape, in the calling thread.
+        """Decode streams of every short length, with and without a lookahead ramp: every window shape.
 
         Call it from the thread that will decode: a thread's first eager decode builds its cuDNN
         state, and compiled code its guards, which costs seconds (measured 1.4 s for a new thread's
@@ -316,8 +318,8 @@ class SnacCodec:
         cfg = self.config
         silence = np.zeros(FRAME_TOKENS, dtype=np.int64)
         for frames in range(1, cfg.left_context_frames + cfg.lookahead_frames + 3):
-            for first in range(cfg.lookahead_frames + 1):
-                stream = self.open_stream(frames, first_lookahead=first)
+            for ramp in (None, 0.5, math.inf):
+                stream = self.open_stream(frames, ramp=ramp)
                 self.decode([w for _ in range(frames) for w in stream.push(silence)] + stream.finish())
 
     def decode_frames(self, frames: np.ndarray, seed: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def test_decoder_equals_snac_when_noise_is_off(snac):
 def test_launch_decodes_mixed_shapes_and_requests_in_order(codec):
     """One launch of windows of several shapes and requests gives each window the PCM its own decode gives."""
     rng = np.random.default_rng(6)
-    streams = [codec.open_stream(100 + i, first_lookahead=i % 3) for i in range(6)]
+    streams = [codec.open_stream(100 + i, ramp=(None, 0.5, math.inf)[i % 3]) for i in range(6)]
     windows = []
     for i, stream in enumerate(streams):
         for frame in rng.integers(0, CODEBOOK_SIZE, (i + 1, 7)):
@@ -172,14 +173,14 @@ def test_a_new_launch_waits_for_the_last_and_keeps_its_pcm(codec):
 
 @pytest.mark.parametrize(("left", "lookahead"), [(2, 2), (0, 0), (1, 3), (3, 1)])
 def test_graphed_shapes_cover_every_window_of_long_enough_streams(left, lookahead):
-    """Every window of a stream of `left + lookahead + 1` frames or more, any first lookahead, has a graphed shape."""
+    """Every window of a stream of more than `left + lookahead` frames, any lookahead ramp, has a graphed shape."""
     shapes = set(graphed_shapes(left, lookahead))
-    if (left, lookahead) == (2, 2):  # first frame (3 first lookaheads), frame 1, steady, tail
-        assert shapes == {(1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 1, 1), (5, 2, 1), (4, 2, 2)}
+    if (left, lookahead) == (2, 2):  # one frame with 0-2 frames of context each side, and the two tails
+        assert len(shapes) == 9 and (5, 2, 1) in shapes and (4, 2, 2) in shapes  # (3, 2, 1) is also a tail
     seen = set()
     for frames in range(left + lookahead + 1, left + lookahead + 9):
-        for first in range(lookahead + 1):
-            stream = CodecStream(0, left, lookahead, first)
+        for ramp in (None, 0.2, 0.34, 0.5, 1.0, 2.5, math.inf):
+            stream = CodecStream(0, left, lookahead, ramp)
             windows = [w for _ in range(frames) for w in stream.push(np.zeros(7, dtype=np.int64))] + stream.finish()
             seen |= {w.shape_key for w in windows}
     assert seen == shapes
@@ -205,17 +206,16 @@ def test_warmup_and_gpu_only_options(snac):
     assert len(np.concatenate(pcm)) == SAMPLES_PER_FRAME
 
 
-def test_first_lookahead_emits_the_first_frame_early(snac):
-    """A smaller first lookahead emits frame 0 sooner; every later frame keeps the full lookahead."""
+def test_lookahead_ramp_emits_the_first_frames_early(snac):
+    """With a ramp frame 0 goes out at once and the lookahead grows back to full; every frame is emitted once."""
     codec = SnacCodec(snac, CodecConfig(left_context_frames=2, lookahead_frames=2), "cpu")
-    rng = np.random.default_rng(3)
-    frames = rng.integers(0, 4096, (8, 7))
-    for first, ready_after in (
-        (0, [1, 0, 0, 1, 1, 1, 1, 1]),
-        (1, [0, 1, 0, 1, 1, 1, 1, 1]),
-        (None, [0, 0, 1, 1, 1, 1, 1, 1]),
+    frames = np.random.default_rng(3).integers(0, 4096, (8, 7))
+    for ramp, ready_after in (
+        (0.5, [1, 1, 0, 1, 1, 0, 1, 1]),  # lookahead 0, 0, 1, 1, 2, 2, ...
+        (math.inf, [1, 0, 0, 1, 1, 1, 1, 1]),  # lookahead 0, then 2
+        (None, [0, 0, 1, 1, 1, 1, 1, 1]),  # lookahead 2 throughout
     ):
-        stream = codec.open_stream(5, first_lookahead=first)
+        stream = codec.open_stream(5, ramp=ramp)
         windows = [stream.push(f) for f in frames]
         assert [len(w) for w in windows] == ready_after
         tail = stream.finish()

@@ -18,11 +18,10 @@ the codec never waits for SMs or the GIL behind the LLM, and its cost is part of
 step time. The thread never waits on a consumer, so a slow reader never stalls the batch.
 
 First audio: a frame is normally decoded once `codec.lookahead_frames` (L) later frames exist,
-which costs 7 engine steps per frame of lookahead before the first audio. Each request's first
-frame gets the smallest lookahead L0 in [0, L] such that the frames the second window still
-waits for arrive while the first frame plays, 7 * s * (L - L0 + 1) <= 85.3 ms, with s the
-recent step time (an EWMA of measured steps; before any step, L0 = L). At light load the first
-audio comes up to 14 steps sooner, and the stream never runs dry after it.
+which would cost 7 engine steps per frame of lookahead before the first audio. Instead each
+request's first frame is decoded as soon as it exists, and its lookahead grows back to L over
+the next frames at the rate `lookahead_ramp` computes from the recent step time: every later
+frame is still decoded before the audio before it has finished playing.
 """
 
 from __future__ import annotations
@@ -57,14 +56,18 @@ _FRAME_S = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE  # 85.3 ms of audio per 7-tok
 _STEP_EWMA = 0.1  # weight of the newest step in the step-time average (~ the last 10 steps)
 
 
-def first_lookahead(step_s: float | None, lookahead: int) -> int:
-    """The first frame's lookahead: the smallest that keeps the stream ahead of playback at `step_s` per step."""
+def lookahead_ramp(step_s: float | None, margin: float) -> float | None:
+    """Lookahead frames a new stream may gain per frame (`CodecStream`), at `step_s` per step times `margin`.
+
+    Frame 0 is decoded once it exists, 7 steps after the first token; frame k, which waits for
+    L_k later frames, is ready 7 (k + L_k) steps after frame 0 and must be before frame 0's
+    playback reaches it, 85.3 k ms later: L_k <= k (85.3 ms / (7 step) - 1). None (the full
+    lookahead from the first frame) before any step was measured, or at slower than real time.
+    """
     if step_s is None:
-        return lookahead
-    for l0 in range(lookahead + 1):
-        if fmt.FRAME_TOKENS * step_s * (lookahead - l0 + 1) <= _FRAME_S:
-            return l0
-    return lookahead
+        return None
+    ramp = _FRAME_S / (fmt.FRAME_TOKENS * step_s * margin) - 1
+    return ramp if ramp > 0 else None
 
 
 @dataclass(slots=True)
@@ -130,7 +133,7 @@ class OrpheusEngine:
         self._ids = itertools.count()
         self._closed = False
         self.stats = EngineStats()
-        self.step_s: float | None = None  # EWMA of measured step seconds (picks each request's first lookahead)
+        self.step_s: float | None = None  # EWMA of measured step seconds (picks each request's lookahead ramp)
         if config.engine.switch_interval_ms > 0:  # the step thread gets the GIL back soon after each GPU sync
             sys.setswitchinterval(config.engine.switch_interval_ms / 1e3)
         # graphs and warm-up before the step thread starts: no other thread may use the GPU meanwhile
@@ -167,9 +170,7 @@ class OrpheusEngine:
         stream = AudioStream(f"orpheus-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
         return self._submit_prompts(prompts, sampling, stream)
 
-    def _submit_prompts(
-        self, prompts: list[list[int]], sampling: SamplingParams, stream, *, lookahead: int | None = None
-    ) -> AudioStream:
+    def _submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams, stream) -> AudioStream:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         request = Request(stream.request_id, prompts, sampling, seed, stream=stream, arrival_s=time.perf_counter())
         with self._cond:
@@ -177,9 +178,8 @@ class OrpheusEngine:
                 raise RuntimeError("OrpheusEngine is closed")
             self.scheduler.admit(request)  # raises EngineBusy (or ConfigError for a prompt too long)
             self._requests[request.request_id] = request
-            if lookahead is None:
-                lookahead = first_lookahead(self.step_s, self.codec.config.lookahead_frames)
-            self._codec_streams[request.request_id] = self.codec.open_stream(seed, first_lookahead=lookahead)
+            ramp = lookahead_ramp(self.step_s, self.codec.config.ramp_margin)
+            self._codec_streams[request.request_id] = self.codec.open_stream(seed, ramp=ramp)
             self._cond.notify()
         return stream
 
@@ -221,9 +221,9 @@ class OrpheusEngine:
             self._audio = []
 
     def warm_up(self) -> None:
-        """Run short requests end to end so the first caller pays no compile or allocation cost.
+        """Run two short requests end to end so the first caller pays no compile or allocation cost.
 
-        One per first-window lookahead the policy can pick, so every first-window shape has run.
+        The first runs with the full lookahead (no step measured yet), the second with a lookahead ramp.
         """
 
         class _Sink:
@@ -242,9 +242,9 @@ class OrpheusEngine:
         prompt = fmt.build_prompt(self.tokenizer, "Warm up.", self.config.voices.default)
         frames = 4 * fmt.FRAME_TOKENS  # enough for the codec's first windows; END_OF_SPEECH masked until then
         sampling = SamplingParams(max_tokens=frames, min_tokens=frames)
-        for lookahead in range(self.codec.config.lookahead_frames + 1):
-            sink = _Sink(f"warm-up-{lookahead}")
-            self._submit_prompts([prompt], sampling, sink, lookahead=lookahead)
+        for i in range(2):
+            sink = _Sink(f"warm-up-{i}")
+            self._submit_prompts([prompt], sampling, sink)
             sink.done.wait()
 
     # -- the step thread -----------------------------------------------------------------------

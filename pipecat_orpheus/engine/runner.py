@@ -15,6 +15,7 @@ With `enforce_eager` (and always on CPU) the same step function runs without gra
 from __future__ import annotations
 
 import bisect
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -92,7 +93,8 @@ class ModelRunner:
         self._allocate()
         # the engine's work outranks the codec's SNAC decodes on the GPU (lower number = higher priority)
         self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode, by batch bucket
+        self._prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # T -> (graph, (T, H) out)
         self._buckets: list[int] = []
         self._in_flight: deque[_Launched] = deque()
         self._launches = 0
@@ -267,15 +269,11 @@ class ModelRunner:
             host[3 * t : 3 * t + 3 * m] = np.array(done, dtype=np.int64).T.reshape(-1)  # rows | slots | steps
         self._dev_pf[: 3 * t + 3 * m].copy_(self._host_pf[buffer, : 3 * t + 3 * m], non_blocking=True)
         dev = self._dev_pf
-        x = self.lm.prefill(
-            dev[:t],
-            dev[t : 2 * t],
-            dev[2 * t : 3 * t],
-            self.k_cache,
-            self.v_cache,
-            max_len=max(c.end for c in chunks),
-            use_triton=self.use_triton,
-        )  # (T, H)
+        if t in self._prefill_graphs:
+            graph, x = self._prefill_graphs[t]  # x: (T, H), the graph's output
+            graph.replay()
+        else:
+            x = self._prefill_forward(t, max_len=max(c.end for c in chunks))  # (T, H)
         if not m:
             return 0
         rows, first, noise_step = dev[3 * t : 3 * t + 3 * m].view(3, m)  # (M,) each
@@ -285,6 +283,14 @@ class ModelRunner:
         self.presence.index_put_((first, out.head_rows), self._true)
         self._dev_out[offset : offset + m] = out.token_ids
         return m
+
+    def _prefill_forward(self, t: int, *, max_len: int) -> torch.Tensor:
+        """The forward of `t` packed prompt tokens in `_dev_pf` (the body of each prefill graph): (T, H)."""
+        dev = self._dev_pf
+        return self.lm.prefill(
+            dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t], self.k_cache, self.v_cache,
+            max_len=max_len, use_triton=self.use_triton,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def warm_up_prefill(self, *, force: bool = False) -> None:
@@ -315,20 +321,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Capture the decode step for the batch-size ladder, largest first, sharing one memory pool."""
+        """Capture the decode step for the batch-size ladder and the prefill forward per padded length.
+
+        Largest first, all in one memory pool. A prefill graph is the forward of T prompt tokens
+        (T a multiple of 16 up to the chunk budget); picking each completed prompt's last row and
+        sampling it stay eager. Graphs turn ~300 kernel launches into one, which is most of a
+        short prompt's time to first token. Prefill graphs need the Triton kernels (the SDPA
+        fallback crops the cache on the host).
+        """
         if not self.use_graphs:
             return
         ladder = graph_ladder(self.max_slots)
         self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))
+        lengths = range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD) if self.use_triton else []
+        todo = [("decode", bs) for bs in reversed(ladder)] + [("prefill", t) for t in reversed(lengths)]
         pool = None
-        for bs in tqdm(list(reversed(ladder)), desc="Capturing CUDA graphs", unit="graph"):
-            self._decode_step(bs, max_len=self.max_len)  # warm-up: compiles kernels, sizes the pool
+        for kind, size in tqdm(todo, desc="Capturing CUDA graphs", unit="graph"):
+            forward = self._decode_step if kind == "decode" else self._prefill_forward
+            if kind == "prefill":  # padding tokens: id 0 at position 0 of the dummy slot
+                self._dev_pf[: 2 * size] = 0
+                self._dev_pf[2 * size : 3 * size] = self.dummy_slot
+            body = functools.partial(forward, size, max_len=self.max_len)
+            body()  # warm-up: compiles kernels, sizes the pool
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self._decode_step(bs, max_len=self.max_len)
+                out = body()
             pool = graph.pool()
-            self._graphs[bs] = graph
+            if kind == "decode":
+                self._graphs[size] = graph
+            else:
+                self._prefill_graphs[size] = (graph, out)
         torch.cuda.synchronize(self.device)
         self._buckets = ladder
 

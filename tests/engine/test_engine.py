@@ -3,10 +3,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.codec import CodecStream, SnacCodec
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
-from pipecat_orpheus.engine.engine import first_lookahead
+from pipecat_orpheus.engine.engine import lookahead_ramp
 from pipecat_orpheus.errors import EngineBusy, RequestCancelled
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.noise import noise_key
@@ -51,17 +51,21 @@ async def test_greedy_audio_matches_reference_with_staggered_joins(tiny_models, 
         first = engine.submit(texts[0], sampling=GREEDY)
         chunk = await first.__anext__()  # the batch is running when the others join
         rest = [engine.submit(t, sampling=GREEDY) for t in texts[1:]]
+        with engine._cond:  # frames before the lookahead ramp reaches full lookahead are decoded with less
+            streams = [engine._codec_streams[s.request_id] for s in rest]
+        lookahead = config.codec.lookahead_frames
+        ramped = [0] + [next(k for k in range(100) if s.lookahead(k) == lookahead) for s in streams]
         got = [np.concatenate([chunk, await first.read_all()])] + list(
             await asyncio.gather(*(s.read_all() for s in rest))
         )
     finally:
         engine.close()
     assert len(expected[1]) > len(expected[0])  # both pieces were spoken
-    for g, e in zip(got, expected, strict=False):
+    for g, e, k in zip(got, expected, ramped, strict=True):
         assert g.shape == e.shape
-        # the first frame may have been decoded with less lookahead (first_lookahead): close, not equal
-        np.testing.assert_allclose(g[SAMPLES_PER_FRAME:], e[SAMPLES_PER_FRAME:], atol=1e-4)
-        assert np.corrcoef(g[:SAMPLES_PER_FRAME], e[:SAMPLES_PER_FRAME])[0, 1] > 0.99
+        full = k * SAMPLES_PER_FRAME  # from here on every frame had the full lookahead: equal to the reference
+        np.testing.assert_allclose(g[full:], e[full:], atol=1e-4)
+        assert full == 0 or np.corrcoef(g[:full], e[:full])[0, 1] > 0.9
 
 
 async def test_full_engine_raises_busy_and_cancel_frees_slot(tiny_models, tiny_model_dir):
@@ -125,42 +129,55 @@ async def test_explicit_cancel_and_close_end_streams_with_request_cancelled(tiny
     assert engine.active_requests == 0
 
 
-def test_first_lookahead_follows_the_step_time():
-    """The first frame waits for no later frame at fast steps, for the full lookahead at slow steps or before any."""
-    assert first_lookahead(None, 2) == 2
-    assert first_lookahead(0.0035, 2) == 0  # 7 * 3.5 ms * 3 frames = 73.5 ms <= 85.3 ms of audio
-    assert first_lookahead(0.005, 2) == 1
-    assert first_lookahead(0.010, 2) == 2 and first_lookahead(0.1, 2) == 2
-    assert first_lookahead(0.001, 0) == 0
+def test_lookahead_ramp_follows_the_step_time():
+    """Fast steps let the lookahead grow back at once, slow ones slowly; none before any step or below real time."""
+    assert lookahead_ramp(None, 1.25) is None
+    assert lookahead_ramp(0.0032, 1.25) == pytest.approx(85.333 / (7 * 3.2 * 1.25) - 1, rel=1e-3)  # 2.05
+    assert lookahead_ramp(0.008, 1.0) == pytest.approx(0.524, rel=1e-2)
+    assert lookahead_ramp(0.008, 2.0) is None and lookahead_ramp(0.013, 1.0) is None
 
 
-async def test_engine_opens_codec_streams_with_the_first_lookahead(tiny_models, tiny_model_dir):
-    """A request submitted while steps are fast gets a first window after one frame; before any step, the full one."""
+@pytest.mark.parametrize("step_ms", [1.0, 3.2, 5.0, 8.0, 10.0, 12.0])
+def test_lookahead_ramp_keeps_every_frame_ahead_of_playback(step_ms):
+    """At a steady step time, each frame's window is ready before playback, started at the first frame, reaches it."""
+    ramp = lookahead_ramp(step_ms / 1e3, 1.0)
+    stream = CodecStream(0, 2, 2, ramp)
+    frame_ms = 7 * step_ms  # one frame of tokens
+    ready_ms = []
+    for k in range(200):  # at 12 ms per step the lookahead is full from frame 125
+        ready_ms += [(k + 1) * frame_ms] * len(stream.push(np.zeros(7, dtype=np.int64)))
+    assert len(ready_ms) >= 197 and stream.lookahead(len(ready_ms)) == 2  # the ramp reached the full lookahead
+    played_ms = ready_ms[0] + 1e3 * SAMPLES_PER_FRAME / 24000 * np.arange(len(ready_ms))  # when each frame is due
+    assert np.all(np.array(ready_ms) <= played_ms + 1e-9)
+
+
+async def test_engine_opens_codec_streams_with_a_lookahead_ramp(tiny_models, tiny_model_dir):
+    """A request submitted while steps are fast gets a steep lookahead ramp; before any step, the full lookahead."""
     engine = make_engine(tiny_models, make_config(tiny_model_dir))
     try:
-        lookahead = engine.codec.config.lookahead_frames
-        assert lookahead > 0
         slow = engine.submit("one", sampling=GREEDY)
         with engine._cond:
-            first_slow = engine._codec_streams[slow.request_id]._first_lookahead
+            slow_stream = engine._codec_streams[slow.request_id]
         await slow.read_all()
         engine.step_s = 1e-4  # as if steps took 0.1 ms
         fast = engine.submit("two", sampling=GREEDY)
         with engine._cond:
-            first_fast = engine._codec_streams[fast.request_id]._first_lookahead
+            fast_stream = engine._codec_streams[fast.request_id]
         await fast.read_all()
-        assert (first_slow, first_fast) == (lookahead, 0)
+        lookahead = engine.codec.config.lookahead_frames
+        assert [slow_stream.lookahead(k) for k in range(3)] == [lookahead] * 3
+        assert [fast_stream.lookahead(k) for k in range(3)] == [0, lookahead, lookahead]
         assert engine.step_s is not None and engine.step_s > 1e-4  # measured steps moved the average again
     finally:
         engine.close()
 
 
 async def test_warm_up_runs_every_first_window_shape_and_leaves_the_engine_idle(tiny_models, tiny_model_dir):
-    """warm_up() speaks one short request per first-window lookahead and returns with no request left."""
+    """warm_up() speaks two short requests (full lookahead, then a ramp) and returns with no request left."""
     engine = make_engine(tiny_models, make_config(tiny_model_dir))
     try:
         await asyncio.to_thread(engine.warm_up)
-        requests = engine.codec.config.lookahead_frames + 1  # first lookahead 0, 1, ..., L
+        requests = 2
         assert engine.stats.decode_tokens == requests * 4 * 7 and engine.active_requests == 0  # 4 frames each
         assert engine.stats.codec_windows >= 2 * requests  # at least a first window and a last one each
     finally:
