@@ -80,6 +80,7 @@ class CodecConfig:
     dtype: str = field(default="float16", metadata=_choices("float32", "bfloat16", "float16"))
     compile: bool = True
     cuda_graphs: bool = True
+    ramp_margin: float = field(default=1.25, metadata=_range(1.0, 4.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,9 @@ class LimitsConfig:
     max_unsent_audio_s: float = field(default=30.0, metadata=_range(0.1, 3600))
     max_unsent_messages: int = field(default=1024, metadata=_range(1, 1_000_000))
     max_id_chars: int = field(default=128, metadata=_range(1, 65536))
+    max_incoming_messages: int = field(default=16, metadata=_range(1, 100_000))
+    max_write_buffer_bytes: int = field(default=32768, metadata=_range(1024, 256 * 2**20))
+    handshake_timeout_s: float = field(default=10.0, metadata=_range(0.1, 3600))
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,11 @@ class OrpheusServer:
                 # The hard ceiling: past it, 1009 before buffering. Up to it, the connection checks
                 # limits.max_message_bytes itself and answers Error (the stream goes on).
                 max_size=self.config.limits.max_frame_bytes,
+                # What a client that sends faster than the server reads, or reads slower than it
+                # sends, may hold here: past these, reading its socket pauses / a send waits.
+                max_queue=self.config.limits.max_incoming_messages,
+                write_limit=self.config.limits.max_write_buffer_bytes,
+                open_timeout=self.config.limits.handshake_timeout_s,
                 ping_interval=self.config.server.ping_interval_s,
                 ping_timeout=self.config.server.ping_timeout_s,
                 close_timeout=self._close_timeout_s,
