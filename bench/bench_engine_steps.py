@@ -57,8 +57,9 @@ def step_timing(engine: OrpheusEngine, device, batches: list[int], context: int,
     for b in batches:
         if b > runner.max_slots:
             continue
+        runner._dev_out[:b] = fmt.audio_token(0, 1)  # each row's input token: row i reads _dev_out[i]
         runner._dev_in[:, :b] = torch.stack(
-            [torch.arange(b), torch.full((b,), fmt.audio_token(0, 1)), torch.full((b,), context),
+            [torch.arange(b), torch.arange(b), torch.full((b,), context),
              torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)]
         ).to(device)  # fmt: skip
         fn = (
