@@ -38,6 +38,7 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.config import EngineConfig, load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
+from pipecat_orpheus.engine.attention import triton_available
 from pipecat_orpheus.engine.model import OrpheusLM
 from pipecat_orpheus.engine.request import Request
 from pipecat_orpheus.engine.runner import ModelRunner
@@ -111,6 +112,31 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def hf_first_logits(llm, prompt: list[int], device) -> torch.Tensor:
+    """transformers' logits of the first audio token over the head rows (audio tokens + END_OF_SPEECH), float32."""
+    rows = torch.cat([torch.arange(fmt.AUDIO_TOKEN_OFFSET, fmt.AUDIO_TOKEN_END), torch.tensor([fmt.END_OF_SPEECH])])
+    with torch.inference_mode():
+        return llm(torch.tensor([prompt], device=device)).logits[0, -1].float()[rows.to(device)]
+
+
+def engine_first_logits(lm: OrpheusLM, prompt: list[int], device) -> torch.Tensor:
+    """The engine's prefill + head at the same position (its fused kernels where Triton runs), float32."""
+    n = len(prompt)
+    shape = (lm.num_layers, 1, lm.num_kv_heads, 256, lm.head_dim)
+    kc, vc = torch.zeros(shape, dtype=lm.dtype, device=device), torch.zeros(shape, dtype=lm.dtype, device=device)
+    with torch.inference_mode():
+        hidden = lm.prefill(
+            torch.tensor(prompt, device=device), torch.arange(n, device=device),
+            torch.zeros(n, dtype=torch.long, device=device), kc, vc, max_len=n, use_triton=triton_available(device),
+        )  # fmt: skip
+        return lm.head_logits(hidden[-1:])[0, :N_HEAD_ROWS]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
 def correctness(llm, tokenizer, device, args, kv_cache_dtype: str, ref: list | None) -> tuple[dict, list]:
     """Greedy runner tokens (graphs + kernels, staggered joins) vs reference.generate_tokens."""
     greedy = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=args.check_tokens)
@@ -136,22 +162,7 @@ def correctness(llm, tokenizer, device, args, kv_cache_dtype: str, ref: list | N
     got = [[t for t in r.output_ids[0] if t != fmt.END_OF_SPEECH] for r in reqs]
     prefix = [first_difference(g, e) for g, e in zip(got, ref, strict=True)]
     same = [sum(a == b for a, b in zip(g, e, strict=False)) for g, e in zip(got, ref, strict=False)]
-    with torch.inference_mode():  # logits of the first audio token: engine prefill vs transformers
-        shape = (runner.lm.num_layers, 2, runner.lm.num_kv_heads, 256, runner.lm.head_dim)
-        kc, vc = (
-            torch.zeros(shape, dtype=runner.lm.dtype, device=device),
-            torch.zeros(shape, dtype=runner.lm.dtype, device=device),
-        )
-        p = prompts[0]
-        n = len(p)
-        hidden = runner.lm.prefill(
-            torch.tensor(p, device=device), torch.arange(n, device=device),
-            torch.zeros(n, dtype=torch.long, device=device), kc, vc, max_len=n, use_triton=runner.use_triton,
-        )  # fmt: skip
-        ours = runner.lm.head_logits(hidden[-1:])[0, :N_HEAD_ROWS]
-        rows = torch.cat([torch.arange(fmt.AUDIO_TOKEN_OFFSET, fmt.AUDIO_TOKEN_END), torch.tensor([fmt.END_OF_SPEECH])])
-        theirs = llm(torch.tensor([p], device=device)).logits[0, -1].float()[rows.to(device)]
-        rel = float((ours - theirs).norm() / theirs.norm())
+    rel = relative_error(engine_first_logits(runner.lm, prompts[0], device), hf_first_logits(llm, prompts[0], device))
     del runner
     gc.collect()
     if device.type == "cuda":
