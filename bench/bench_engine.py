@@ -25,7 +25,6 @@ import asyncio
 import dataclasses
 import gc
 import json
-import math
 import sys
 import tempfile
 import time
@@ -187,10 +186,12 @@ def codec_graph_check(snac, config, device, rng) -> dict:
     eager = SnacCodec(snac, dataclasses.replace(config.codec, compile=False, cuda_graphs=False), device)
     left, lookahead = config.codec.left_context_frames, config.codec.lookahead_frames
     snr = {}
-    for ramp in (None, 0.3, 0.5, 1.0, math.inf):
-        streams = [graphed.open_stream(seed, ramp=ramp) for seed in range(3)]
+    frame_s = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE
+    for pace in (None, 0.2, 0.5, 0.9):  # offline, or live with frames arriving at this fraction of their length
+        streams = [graphed.open_stream(seed) for seed in range(3)]
         for t in range(left + lookahead + 3):
-            windows = [w for s in streams for w in s.push(rng.integers(0, fmt.CODEBOOK_SIZE, 7))]
+            live = {} if pace is None else {"now": t * pace * frame_s, "wait_s": 0.3 * frame_s}
+            windows = [w for s in streams for w in s.push(rng.integers(0, fmt.CODEBOOK_SIZE, 7), **live)]
             windows += [w for s in streams for w in s.finish()] if t == left + lookahead + 2 else []
             if not windows:
                 continue

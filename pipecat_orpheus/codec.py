@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.errors import ModelLoadError
-from pipecat_orpheus.format import CODEBOOK_SIZE, FRAME_TOKENS, SAMPLES_PER_FRAME
+from pipecat_orpheus.format import CODEBOOK_SIZE, FRAME_TOKENS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipecat_orpheus.noise import hash32, noise_key, uniform24
 
 
@@ -54,17 +54,16 @@ def _buckets(max_batch: int) -> list[int]:
 def graphed_shapes(left: int, lookahead: int) -> list[tuple[int, int, int]]:
     """Window shapes (frames, left, emit) of every stream of more than `left + lookahead` frames.
 
-    Frame 0 at once (a lookahead ramp) or with the full lookahead; any later frame with any left
-    context up to `left` and any lookahead up to `lookahead` (the ramp, the steady state); and
-    the tail flushed at the end of speech (full left context, up to `lookahead` frames).
-    Shorter streams decode eagerly.
+    One frame with any left context up to `left` and any lookahead up to `lookahead` (frames
+    emitted early for their deadline, the steady state), and the tail flushed at the end of
+    speech (full left context, up to `lookahead` frames). Shorter streams decode eagerly.
     """
-    shapes = {(1, 0, 1), (1 + lookahead, 0, 1)}
-    shapes |= {(ctx + 1 + ahead, ctx, 1) for ctx in range(min(1, left), left + 1) for ahead in range(lookahead + 1)}
+    shapes = {(ctx + 1 + ahead, ctx, 1) for ctx in range(left + 1) for ahead in range(lookahead + 1)}
     shapes |= {(left + emit, left, emit) for emit in range(1, lookahead + 1)}
     return sorted(shapes)
 
 
+_FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE  # 85.3 ms of audio per frame
 _EDGE_MAX_BATCH = 16  # largest graphed batch of first-frame and tail windows: few streams start or end per step
 _L1_COLS = [1, 4]  # frame positions of the two L1 codes (format.FRAME_LAYOUT)
 _L2_COLS = [2, 3, 5, 6]  # frame positions of the four L2 codes
@@ -120,39 +119,36 @@ class Window:
 class CodecStream:
     """One request's frame buffer: push frames, get the windows that became ready.
 
-    With a lookahead `ramp` r, frame k waits for min(lookahead, floor(k * r)) later frames instead
-    of `lookahead`: frame 0 goes out as soon as it exists and the lookahead grows back to full
-    over the first frames, at the cost of fidelity at the ends of those frames. The engine picks
-    r per request from its step time so that each frame's window is ready before the audio
-    before it has finished playing (see `lookahead_ramp`). Without a ramp every frame waits for
-    the full lookahead.
+    Offline (`push(codes)`), frame k waits for `lookahead` later frames. Live, the engine also
+    passes the time and how long until a window held back now could be decoded (`wait_s`: one
+    more frame plus a step): frame 0 then goes out at once if frames come faster than they play,
+    and frame k goes out early, with the lookahead it has, as soon as waiting longer would
+    deliver it after its playback deadline (frame 0's emission plus k frames of audio). Frames
+    are decoded as late as playback allows, with as much lookahead as the step time allows.
     """
 
-    def __init__(self, key: int, left_context: int, lookahead: int, ramp: float | None = None):
+    def __init__(self, key: int, left_context: int, lookahead: int):
         self.key = key
         self._left = left_context
         self._lookahead = lookahead
-        self._ramp = ramp
         self._frames: list[np.ndarray] = []  # frames from absolute index self._base on
         self._base = 0
         self._pushed = 0
         self._next = 0  # first frame not yet handed out in a window
+        self._start_s: float | None = None  # when frame 0 was handed out: playback starts about then
         self.finished = False
         self.cancelled = False
-
-    def lookahead(self, frame: int) -> int:
-        """How many later frames `frame` waits for before it is decoded."""
-        if self._ramp is None:
-            return self._lookahead
-        return math.floor(min(self._lookahead, frame * self._ramp)) if frame else 0
 
     @property
     def frames_pushed(self) -> int:
         """Frames received so far."""
         return self._pushed
 
-    def push(self, frame_codes: np.ndarray) -> list[Window]:
-        """Add one frame of 7 codes (frame order, as format.frame_to_codes gives them)."""
+    def push(self, frame_codes: np.ndarray, *, now: float | None = None, wait_s: float = 0.0) -> list[Window]:
+        """Add one frame of 7 codes (frame order, as format.frame_to_codes gives them).
+
+        With `now` (seconds, any clock): frames whose deadline is within `wait_s` are emitted now.
+        """
         if self.finished:
             raise RuntimeError("push() after finish()")
         codes = np.asarray(frame_codes, dtype=np.int64).reshape(-1)
@@ -160,10 +156,23 @@ class CodecStream:
             raise ValueError(f"a frame is {FRAME_TOKENS} codes in [0, {CODEBOOK_SIZE}), got {frame_codes!r}")
         self._frames.append(codes)
         self._pushed += 1
-        lookahead = self.lookahead(self._next)  # a ramp never lowers it: at most one window per frame
-        if self._next + lookahead < self._pushed:
-            return [self._window(self._next, 1, self._next + 1 + lookahead)]
-        return []
+        windows = []
+        while self._next < self._pushed and self._due(now, wait_s):
+            if self._next == 0:
+                self._start_s = now
+            end = min(self._pushed, self._next + 1 + self._lookahead)
+            windows.append(self._window(self._next, 1, end))
+        return windows
+
+    def _due(self, now: float | None, wait_s: float) -> bool:
+        """Whether frame `_next` goes out now: its full lookahead is here, or waiting would make it late."""
+        if self._next + self._lookahead < self._pushed:
+            return True
+        if now is None:
+            return False
+        if self._next == 0:
+            return wait_s <= _FRAME_S  # frames come faster than they play: start at once
+        return now + wait_s >= self._start_s + self._next * _FRAME_S
 
     def finish(self) -> list[Window]:
         """End of speech: one window emitting every frame not yet emitted (none if all were)."""
@@ -271,10 +280,10 @@ class SnacCodec:
     def _leaves(layers: list[nn.Module]) -> list[nn.Module]:
         return [m for layer in layers for m in layer.modules() if not list(m.children())]
 
-    def open_stream(self, seed: int | None = None, *, ramp: float | None = None) -> CodecStream:
-        """A stream for one request; `seed` fixes its noise (None: a random one); `ramp`: see `CodecStream`."""
+    def open_stream(self, seed: int | None = None) -> CodecStream:
+        """A stream for one request; `seed` fixes its noise (None: a random one)."""
         seed = secrets.randbits(63) if seed is None else seed
-        return CodecStream(noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames, ramp)
+        return CodecStream(noise_key(seed), self.config.left_context_frames, self.config.lookahead_frames)
 
     def decode(self, windows: list[Window]) -> list[np.ndarray]:
         """Decode `windows` (any requests, any shapes) on the codec's own stream: float32 PCM per window."""
@@ -309,7 +318,7 @@ class SnacCodec:
         return self._inflight
 
     def warmup(self) -> None:
-        """Decode streams of every short length, with and without a lookahead ramp: every window shape.
+        """Decode streams of every short length, offline and live with every lookahead: every window shape.
 
         Call it from the thread that will decode: a thread's first eager decode builds its cuDNN
         state, and compiled code its guards, which costs seconds (measured 1.4 s for a new thread's
@@ -318,9 +327,12 @@ class SnacCodec:
         cfg = self.config
         silence = np.zeros(FRAME_TOKENS, dtype=np.int64)
         for frames in range(1, cfg.left_context_frames + cfg.lookahead_frames + 3):
-            for ramp in (None, 0.5, math.inf):
-                stream = self.open_stream(frames, ramp=ramp)
-                self.decode([w for _ in range(frames) for w in stream.push(silence)] + stream.finish())
+            for live in (False, True):  # live: frames come twice as fast as they play, the lookahead grows
+                stream = self.open_stream(frames)
+                pushes = [
+                    stream.push(silence, now=k * _FRAME_S / 2) if live else stream.push(silence) for k in range(frames)
+                ]
+                self.decode([w for ws in pushes for w in ws] + stream.finish())
 
     def decode_frames(self, frames: np.ndarray, seed: int) -> np.ndarray:
         """Offline decode of a whole utterance (n, 7) in one window: the streaming reference."""

@@ -80,7 +80,7 @@ class CodecConfig:
     dtype: str = field(default="float16", metadata=_choices("float32", "bfloat16", "float16"))
     compile: bool = True
     cuda_graphs: bool = True
-    ramp_margin: float = field(default=1.25, metadata=_range(1.0, 4.0))
+    step_margin: float = field(default=1.25, metadata=_range(1.0, 4.0))
 
 
 @dataclass(frozen=True, slots=True)

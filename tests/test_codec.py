@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -11,10 +10,11 @@ import torch
 
 from pipecat_orpheus.codec import CodecStream, SnacCodec, Window, _buckets, graphed_shapes, hashed_normal
 from pipecat_orpheus.config import CodecConfig
-from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes
+from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, frames_to_snac_codes
 from pipecat_orpheus.loader import load_snac
 
 LENGTHS = [1, 2, 3, 4, 5, 6, 9, 200]
+FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds of audio per frame
 
 
 def snr_db(test: np.ndarray, ref: np.ndarray) -> float:
@@ -143,11 +143,11 @@ def test_decoder_equals_snac_when_noise_is_off(snac):
 def test_launch_decodes_mixed_shapes_and_requests_in_order(codec):
     """One launch of windows of several shapes and requests gives each window the PCM its own decode gives."""
     rng = np.random.default_rng(6)
-    streams = [codec.open_stream(100 + i, ramp=(None, 0.5, math.inf)[i % 3]) for i in range(6)]
+    streams = [codec.open_stream(100 + i) for i in range(6)]
     windows = []
     for i, stream in enumerate(streams):
-        for frame in rng.integers(0, CODEBOOK_SIZE, (i + 1, 7)):
-            windows += stream.push(frame)
+        for k, frame in enumerate(rng.integers(0, CODEBOOK_SIZE, (i + 1, 7))):
+            windows += stream.push(frame, now=k * FRAME_S / 2, wait_s=0.01) if i % 2 else stream.push(frame)
         windows += stream.finish()
     assert len({w.shape_key for w in windows}) >= 4
     order = rng.permutation(len(windows))
@@ -171,18 +171,29 @@ def test_a_new_launch_waits_for_the_last_and_keeps_its_pcm(codec):
     assert sum(len(p) for p in second.wait()) == len(frames) * SAMPLES_PER_FRAME
 
 
+def live_stream(left: int, lookahead: int, frames: int, frame_s: float, wait_s: list[float]):
+    """Push `frames` silent frames arriving every `frame_s` seconds, the k-th with `wait_s[k]`: (stream, pushes)."""
+    stream = CodecStream(0, left, lookahead)
+    pushes = [stream.push(np.zeros(7, dtype=np.int64), now=k * frame_s, wait_s=wait_s[k]) for k in range(frames)]
+    return stream, pushes
+
+
 @pytest.mark.parametrize(("left", "lookahead"), [(2, 2), (0, 0), (1, 3), (3, 1)])
 def test_graphed_shapes_cover_every_window_of_long_enough_streams(left, lookahead):
-    """Every window of a stream of more than `left + lookahead` frames, any lookahead ramp, has a graphed shape."""
+    """Every window of a stream of more than `left + lookahead` frames, offline or live at any pace, is graphed."""
     shapes = set(graphed_shapes(left, lookahead))
     if (left, lookahead) == (2, 2):  # one frame with 0-2 frames of context each side, and the two tails
-        assert len(shapes) == 9 and (5, 2, 1) in shapes and (4, 2, 2) in shapes  # (3, 2, 1) is also a tail
+        assert len(shapes) == 10 and (5, 2, 1) in shapes and (4, 2, 2) in shapes  # (3, 2, 1) is also a tail
     seen = set()
     for frames in range(left + lookahead + 1, left + lookahead + 9):
-        for ramp in (None, 0.2, 0.34, 0.5, 1.0, 2.5, math.inf):
-            stream = CodecStream(0, left, lookahead, ramp)
-            windows = [w for _ in range(frames) for w in stream.push(np.zeros(7, dtype=np.int64))] + stream.finish()
-            seen |= {w.shape_key for w in windows}
+        for pace in (None, 0.2, 0.4, 0.6, 0.9):  # frames arrive at this fraction of their playing time
+            if pace is None:
+                stream = CodecStream(0, left, lookahead)
+                pushes = [stream.push(np.zeros(7, dtype=np.int64)) for _ in range(frames)]
+            else:  # some start with slow steps (frame 0 waits), then fast
+                waits = [1.2 * FRAME_S] * (int(10 * pace) % 3) + [0.3 * FRAME_S] * frames
+                stream, pushes = live_stream(left, lookahead, frames, pace * FRAME_S, waits)
+            seen |= {w.shape_key for w in [*(w for ws in pushes for w in ws), *stream.finish()]}
     assert seen == shapes
 
 
@@ -206,18 +217,27 @@ def test_warmup_and_gpu_only_options(snac):
     assert len(np.concatenate(pcm)) == SAMPLES_PER_FRAME
 
 
-def test_lookahead_ramp_emits_the_first_frames_early(snac):
-    """With a ramp frame 0 goes out at once and the lookahead grows back to full; every frame is emitted once."""
+def test_live_frames_wait_for_lookahead_only_until_their_deadline(snac):
+    """Live, frame 0 goes out at once and each later frame as late as its deadline allows; offline, full lookahead."""
     codec = SnacCodec(snac, CodecConfig(left_context_frames=2, lookahead_frames=2), "cpu")
-    frames = np.random.default_rng(3).integers(0, 4096, (8, 7))
-    for ramp, ready_after in (
-        (0.5, [1, 1, 0, 1, 1, 0, 1, 1]),  # lookahead 0, 0, 1, 1, 2, 2, ...
-        (math.inf, [1, 0, 0, 1, 1, 1, 1, 1]),  # lookahead 0, then 2
-        (None, [0, 0, 1, 1, 1, 1, 1, 1]),  # lookahead 2 throughout
+    frames = np.random.default_rng(3).integers(0, 4096, (12, 7))
+    fast, slow = 0.25 * FRAME_S, 0.8 * FRAME_S  # frames arrive 4x / 1.25x faster than they play
+    for frame_s, wait_s, ready_after in (
+        (None, 0.0, [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # offline: each frame waits for 2 later ones
+        (fast, 0.1 * FRAME_S, [1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # frame 0 at once, then full lookahead
+        (slow, 0.9 * FRAME_S, [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1]),  # just before each deadline; some gain lookahead
+        (fast, 1.1 * FRAME_S, [0, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1]),  # steps too slow to keep up: frame 0 waits
     ):
-        stream = codec.open_stream(5, ramp=ramp)
-        windows = [stream.push(f) for f in frames]
+        stream = codec.open_stream(5)
+        live = {} if frame_s is None else {"wait_s": wait_s}
+        windows = [stream.push(f, now=None if frame_s is None else k * frame_s, **live) for k, f in enumerate(frames)]
         assert [len(w) for w in windows] == ready_after
-        tail = stream.finish()
-        pcm = np.concatenate(codec.decode([w for ws in windows for w in ws] + tail))
+        emitted_at = [k for k, ws in enumerate(windows) for _ in ws]
+        for j, k in enumerate(emitted_at[1:], start=1):  # frame j went out at push k: before its deadline, if live
+            assert (
+                frame_s is None
+                or wait_s > FRAME_S
+                or k * frame_s + wait_s < emitted_at[0] * frame_s + (j + 1) * FRAME_S
+            )
+        pcm = np.concatenate(codec.decode([w for ws in windows for w in ws] + stream.finish()))
         assert len(pcm) == len(frames) * SAMPLES_PER_FRAME

@@ -17,11 +17,11 @@ SNAC runs inside the step, on the engine's stream (CUDA graphs, batched over eve
 the codec never waits for SMs or the GIL behind the LLM, and its cost is part of the measured
 step time. The thread never waits on a consumer, so a slow reader never stalls the batch.
 
-First audio: a frame is normally decoded once `codec.lookahead_frames` (L) later frames exist,
-which would cost 7 engine steps per frame of lookahead before the first audio. Instead each
-request's first frame is decoded as soon as it exists, and its lookahead grows back to L over
-the next frames at the rate `lookahead_ramp` computes from the recent step time: every later
-frame is still decoded before the audio before it has finished playing.
+First audio and quality: a frame is decoded best once `codec.lookahead_frames` (L) later frames
+exist, which would cost 7 engine steps per frame of lookahead before the first audio. Instead
+each frame is timed against its playback deadline (`CodecStream`): the first frame goes out as
+soon as it exists (when frames come faster than they play), and every later one waits for more
+lookahead only while it can still be decoded before the audio before it has finished playing.
 """
 
 from __future__ import annotations
@@ -52,22 +52,12 @@ from .runner import ModelRunner
 from .scheduler import ScheduledStep, Scheduler, StepOutput
 
 _FRAME_OFFSETS = fmt.AUDIO_TOKEN_OFFSET + fmt.CODEBOOK_SIZE * np.arange(fmt.FRAME_TOKENS)  # (7,) token -> code
-_FRAME_S = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE  # 85.3 ms of audio per 7-token frame
 _STEP_EWMA = 0.1  # weight of the newest step in the step-time average (~ the last 10 steps)
 
 
-def lookahead_ramp(step_s: float | None, margin: float) -> float | None:
-    """Lookahead frames a new stream may gain per frame (`CodecStream`), at `step_s` per step times `margin`.
-
-    Frame 0 is decoded once it exists, 7 steps after the first token; frame k, which waits for
-    L_k later frames, is ready 7 (k + L_k) steps after frame 0 and must be before frame 0's
-    playback reaches it, 85.3 k ms later: L_k <= k (85.3 ms / (7 step) - 1). None (the full
-    lookahead from the first frame) before any step was measured, or at slower than real time.
-    """
-    if step_s is None:
-        return None
-    ramp = _FRAME_S / (fmt.FRAME_TOKENS * step_s * margin) - 1
-    return ramp if ramp > 0 else None
+def decode_wait_s(step_s: float, margin: float) -> float:
+    """How long until a window held back now could be decoded: one more frame (7 steps) and its decode (1)."""
+    return (fmt.FRAME_TOKENS + 1) * step_s * margin
 
 
 @dataclass(slots=True)
@@ -133,7 +123,7 @@ class OrpheusEngine:
         self._ids = itertools.count()
         self._closed = False
         self.stats = EngineStats()
-        self.step_s: float | None = None  # EWMA of measured step seconds (picks each request's lookahead ramp)
+        self.step_s: float | None = None  # EWMA of measured step seconds (times each frame against its deadline)
         if config.engine.switch_interval_ms > 0:  # the step thread gets the GIL back soon after each GPU sync
             sys.setswitchinterval(config.engine.switch_interval_ms / 1e3)
         # graphs and warm-up before the step thread starts: no other thread may use the GPU meanwhile
@@ -142,6 +132,7 @@ class OrpheusEngine:
         codec.capture_graphs()
         # -- audio
         self.codec = codec
+        self._margin = codec.config.step_margin
         self._codec_streams: dict[str, CodecStream] = {}
         self._audio: list[_Audio] = []  # windows the last step completed, decoded at the start of the next
         self._thread = threading.Thread(target=self._loop, name="orpheus-engine", daemon=True)
@@ -178,8 +169,7 @@ class OrpheusEngine:
                 raise RuntimeError("OrpheusEngine is closed")
             self.scheduler.admit(request)  # raises EngineBusy (or ConfigError for a prompt too long)
             self._requests[request.request_id] = request
-            ramp = lookahead_ramp(self.step_s, self.codec.config.ramp_margin)
-            self._codec_streams[request.request_id] = self.codec.open_stream(seed, ramp=ramp)
+            self._codec_streams[request.request_id] = self.codec.open_stream(seed)
             self._cond.notify()
         return stream
 
@@ -223,7 +213,7 @@ class OrpheusEngine:
     def warm_up(self) -> None:
         """Run two short requests end to end so the first caller pays no compile or allocation cost.
 
-        The first runs with the full lookahead (no step measured yet), the second with a lookahead ramp.
+        The first runs with the full lookahead (no step measured yet), the second timed against deadlines.
         """
 
         class _Sink:
@@ -370,14 +360,18 @@ class OrpheusEngine:
             request.stream.finish(RequestCancelled(request_id))
 
     def _emit(self, out: StepOutput, now: float) -> None:
-        """Completed frames to each request's codec stream; its ready windows decode before the next step."""
+        """Completed frames to each request's codec stream; its ready windows decode before the next step.
+
+        A window held back now could be decoded one frame (7 steps) and one step (its decode) later.
+        """
+        live = {} if self.step_s is None else {"now": now, "wait_s": decode_wait_s(self.step_s, self._margin)}
         for request, ids in out.frames:
             if request.first_frame_s is None:
                 request.first_frame_s = now
             codec_stream = self._codec_streams.get(request.request_id)
             if codec_stream is None or codec_stream.cancelled:
                 continue
-            windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS)
+            windows = codec_stream.push(np.asarray(ids, dtype=np.int64) - _FRAME_OFFSETS, **live)
             if windows:
                 self._audio.append(_Audio(codec_stream, windows, request.stream, final=False))
         for request in out.finished:
