@@ -122,9 +122,12 @@ class CodecStream:
     Offline (`push(codes)`), frame k waits for `lookahead` later frames. Live, the engine also
     passes the time and how long until a window held back now could be decoded (`wait_s`: one
     more frame plus a step): frame 0 then goes out at once if frames come faster than they play,
-    and frame k goes out early, with the lookahead it has, as soon as waiting longer would
-    deliver it after its playback deadline (frame 0's emission plus k frames of audio). Frames
-    are decoded as late as playback allows, with as much lookahead as the step time allows.
+    and until the stream has caught up (a frame went out with its full lookahead), frame k goes
+    out early, with the lookahead it has, as soon as waiting longer would deliver it after its
+    playback deadline (frame 0's emission plus k frames of audio). Once caught up, a stream that
+    is generated faster than it plays only gets further ahead; if the engine later falls behind
+    real time, frames still wait for the full lookahead: windows with less lookahead are not
+    CUDA-graph-compiled and cost the codec several times more exactly when the GPU is short.
     """
 
     def __init__(self, key: int, left_context: int, lookahead: int):
@@ -136,6 +139,7 @@ class CodecStream:
         self._pushed = 0
         self._next = 0  # first frame not yet handed out in a window
         self._start_s: float | None = None  # when frame 0 was handed out: playback starts about then
+        self._caught_up = False  # a frame went out with its full lookahead: no more early frames
         self.finished = False
         self.cancelled = False
 
@@ -167,8 +171,9 @@ class CodecStream:
     def _due(self, now: float | None, wait_s: float) -> bool:
         """Whether frame `_next` goes out now: its full lookahead is here, or waiting would make it late."""
         if self._next + self._lookahead < self._pushed:
+            self._caught_up = now is not None
             return True
-        if now is None:
+        if now is None or self._caught_up:
             return False
         if self._next == 0:
             return wait_s <= _FRAME_S  # frames come faster than they play: start at once

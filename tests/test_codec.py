@@ -218,7 +218,7 @@ def test_warmup_and_gpu_only_options(snac):
 
 
 def test_live_frames_wait_for_lookahead_only_until_their_deadline(snac):
-    """Live, frame 0 goes out at once and each later frame as late as its deadline allows; offline, full lookahead."""
+    """Live, frame 0 goes out at once, later ones as late as their deadlines allow until one has its full lookahead."""
     codec = SnacCodec(snac, CodecConfig(left_context_frames=2, lookahead_frames=2), "cpu")
     frames = np.random.default_rng(3).integers(0, 4096, (12, 7))
     fast, slow = 0.25 * FRAME_S, 0.8 * FRAME_S  # frames arrive 4x / 1.25x faster than they play
@@ -226,7 +226,7 @@ def test_live_frames_wait_for_lookahead_only_until_their_deadline(snac):
         (None, 0.0, [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # offline: each frame waits for 2 later ones
         (fast, 0.1 * FRAME_S, [1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # frame 0 at once, then full lookahead
         (slow, 0.9 * FRAME_S, [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1]),  # just before each deadline; some gain lookahead
-        (fast, 1.1 * FRAME_S, [0, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1]),  # steps too slow to keep up: frame 0 waits
+        (fast, 1.1 * FRAME_S, [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # steps too slow to keep up: full lookahead
     ):
         stream = codec.open_stream(5)
         live = {} if frame_s is None else {"wait_s": wait_s}
@@ -241,3 +241,8 @@ def test_live_frames_wait_for_lookahead_only_until_their_deadline(snac):
             )
         pcm = np.concatenate(codec.decode([w for ws in windows for w in ws] + stream.finish()))
         assert len(pcm) == len(frames) * SAMPLES_PER_FRAME
+    # caught up while frames came fast, a stream keeps the full lookahead when they slow down to real time
+    stream = codec.open_stream(6)
+    times = np.concatenate([np.arange(6) * fast, 6 * fast + np.arange(1, 7) * FRAME_S])
+    windows = [w for f, t in zip(frames, times, strict=True) for w in stream.push(f, now=t, wait_s=0.9 * FRAME_S)]
+    assert [w.shape_key for w in windows[2:]] == [(5, 2, 1)] * (len(windows) - 2)  # full context both sides

@@ -38,6 +38,7 @@ from .scheduler import PrefillChunk, ScheduledStep
 _IN_ROWS = 5  # decode input block: slot, index of the input token in `_dev_out`, position, num_generated, noise_step
 _IN_FLIGHT = 2  # steps launched and not yet collected, at most: pinned host buffers alternate between them
 _ACTIVATION_RESERVE = 2 * 2**30  # bytes kept free beyond the KV cache for activations and graphs
+_MIXED_MAX_PREFILL = 128  # prompt tokens a mixed decode + prefill graph holds: a few ~30-token prompts joining at once
 _PREFILL_PAD = 16  # prefill chunks are padded to a multiple of this: few distinct GEMM shapes to warm up
 
 
@@ -95,6 +96,7 @@ class ModelRunner:
         self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode, by batch bucket
         self._prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # T -> (graph, (T, H) out)
+        self._mixed_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, T) -> ...
         self._buckets: list[int] = []
         self._in_flight: deque[_Launched] = deque()
         self._launches = 0
@@ -196,12 +198,27 @@ class ModelRunner:
             ]
             host[:, n:bucket] = self._pad_rows
             self._dev_in[:, :bucket].copy_(self._host_in[buffer, :, :bucket], non_blocking=True)
-            if bucket in self._graphs:
-                self._graphs[bucket].replay()
-            else:
-                self._decode_step(bucket, max_len=int(host[2, :n].max()) + 1)
         completed = [c.request for c in step.prefill if c.last]
-        m = self._prefill(step.prefill, offset=bucket, buffer=buffer) if step.prefill else 0
+        t, m = self._stage_prefill(step.prefill, buffer) if step.prefill else (0, 0)
+        lens = [c.end for c in step.prefill] + ([int(host[2, :n].max()) + 1] if n else [])
+        max_len = max(lens, default=1)  # the longest live length (the eager SDPA path crops the cache to it)
+        if n and t and (bucket, t) in self._mixed_graphs:
+            graph, x = self._mixed_graphs[bucket, t]  # x: (T, H), the prompt tokens' hidden states
+            graph.replay()
+        elif n and t and not self.use_graphs:
+            x = self._mixed_step(bucket, t, max_len=max_len)  # one forward for decode rows and prompt tokens
+        else:
+            if n and bucket in self._graphs:
+                self._graphs[bucket].replay()
+            elif n:
+                self._decode_step(bucket, max_len=max_len)
+            if t and t in self._prefill_graphs:
+                graph, x = self._prefill_graphs[t]
+                graph.replay()
+            elif t:
+                x = self._prefill_forward(t, max_len=max_len)
+        if m:
+            self._sample_first(x, t, m, offset=bucket)
         self._host_out[buffer, : bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
         done = self._done[buffer]
         if done is not None:
@@ -226,29 +243,56 @@ class ModelRunner:
             min_tokens=self.min_tokens[slots],
         )
 
-    def _decode_step(self, bs: int, *, max_len: int) -> None:
-        """Decode + sample `bs` rows from `_dev_in` into `_dev_out` (the body of each CUDA graph)."""
+    def _decode_inputs(self, bs: int) -> tuple[torch.Tensor, ...]:
+        """Token, position, slot, num_generated and noise step of `bs` decode rows: (bs,) each."""
         slots, token_index, positions, num_generated, noise_step = self._dev_in[:, :bs]  # (bs,) each
         tokens = self._dev_out[token_index]  # (bs,) sampled by the last step, read before this one writes
-        logits = self.lm.decode(
-            tokens, positions, slots, self.k_cache, self.v_cache, max_len=max_len, use_triton=self.use_triton
-        )  # (bs, head rows)
-        out = sample(logits, self.presence[slots], self._rows(slots, num_generated, noise_step))
-        self.presence.index_put_((slots, out.head_rows), self._true)  # a device scalar: graph-safe
-        self._dev_out[:bs] = out.token_ids
+        return tokens, positions, slots, num_generated, noise_step
 
-    def _prefill(self, chunks: list[PrefillChunk], *, offset: int, buffer: int) -> int:
-        """Prefill `chunks` (eager, one flat row per prompt token); first tokens go to `_dev_out[offset:]`.
+    def _sample_decode(self, x: torch.Tensor, slots, num_generated, noise_step) -> None:
+        """Sample the next token of each decode row from its hidden state (bs, H) into `_dev_out[:bs]`."""
+        out = sample(self.lm.head_logits(x), self.presence[slots], self._rows(slots, num_generated, noise_step))
+        self.presence.index_put_((slots, out.head_rows), self._true)  # a device scalar: graph-safe
+        self._dev_out[: x.shape[0]] = out.token_ids
+
+    def _decode_step(self, bs: int, *, max_len: int) -> None:
+        """Decode + sample `bs` rows from `_dev_in` into `_dev_out` (the body of each decode graph)."""
+        tokens, positions, slots, num_generated, noise_step = self._decode_inputs(bs)
+        x = self.lm.forward(tokens, positions, slots, self.k_cache, self.v_cache, max_len, self.use_triton)  # (bs, H)
+        self._sample_decode(x, slots, num_generated, noise_step)
+
+    def _mixed_step(self, bs: int, t: int, *, max_len: int) -> torch.Tensor:
+        """`bs` decode rows and `t` staged prompt tokens in one forward: the weights are read once for both.
+
+        The decode rows are sampled as in `_decode_step`; returns the prompt tokens' hidden states (T, H).
+        """
+        tokens, positions, slots, num_generated, noise_step = self._decode_inputs(bs)
+        dev = self._dev_pf
+        ids, pos, slot = dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t]  # (T,) each
+        x = self.lm.forward(
+            torch.cat([tokens, ids]),
+            torch.cat([positions, pos]),
+            torch.cat([slots, slot]),
+            self.k_cache,
+            self.v_cache,
+            max_len,
+            self.use_triton,
+        )  # (bs + T, H); fmt: skip
+        self._sample_decode(x[:bs], slots, num_generated, noise_step)
+        return x[bs:]
+
+    def _stage_prefill(self, chunks: list[PrefillChunk], buffer: int) -> tuple[int, int]:
+        """Stage `chunks` in `_dev_pf` (one flat row per prompt token, padded); returns (T, completed prompts).
 
         Every host input travels in one non-blocking copy from a persistent pinned block, so
-        launching the prefill never waits for the decode graph queued before it, and a new
-        request allocates nothing on the host or the device.
+        launching never waits for the work queued before it, and a new request allocates nothing
+        on the host or the device.
         """
         for c in chunks:
             if c.start == 0:
                 self.start_piece(c.request.slot, c.request.sampling, c.request.seed)
         total = sum(c.end - c.start for c in chunks)
-        t = -(-total // _PREFILL_PAD) * _PREFILL_PAD  # padded: the GEMM shapes are few and warmed up
+        t = -(-total // _PREFILL_PAD) * _PREFILL_PAD  # padded: the shapes are few and captured
         if t > self.prefill_capacity:
             raise ValueError(f"{total} prefill tokens in one step exceed engine.prefill_chunk_tokens")
         host = self._host_pf[buffer].numpy()  # (3 T_max + 3 (S + 1),) view of this step's pinned block
@@ -268,21 +312,16 @@ class ModelRunner:
         if m:
             host[3 * t : 3 * t + 3 * m] = np.array(done, dtype=np.int64).T.reshape(-1)  # rows | slots | steps
         self._dev_pf[: 3 * t + 3 * m].copy_(self._host_pf[buffer, : 3 * t + 3 * m], non_blocking=True)
-        dev = self._dev_pf
-        if t in self._prefill_graphs:
-            graph, x = self._prefill_graphs[t]  # x: (T, H), the graph's output
-            graph.replay()
-        else:
-            x = self._prefill_forward(t, max_len=max(c.end for c in chunks))  # (T, H)
-        if not m:
-            return 0
-        rows, first, noise_step = dev[3 * t : 3 * t + 3 * m].view(3, m)  # (M,) each
+        return t, m
+
+    def _sample_first(self, x: torch.Tensor, t: int, m: int, *, offset: int) -> None:
+        """The first audio token of each of the `m` completed prompts, from the prompt tokens' hidden states (T, H)."""
+        rows, first, noise_step = self._dev_pf[3 * t : 3 * t + 3 * m].view(3, m)  # (M,) each
         logits = self.lm.head_logits(x[rows])  # (M, head rows)
         zeros = torch.zeros_like(first)  # (M,) the first token of a piece
         out = sample(logits, self.presence[first], self._rows(first, zeros, noise_step))
         self.presence.index_put_((first, out.head_rows), self._true)
         self._dev_out[offset : offset + m] = out.token_ids
-        return m
 
     def _prefill_forward(self, t: int, *, max_len: int) -> torch.Tensor:
         """The forward of `t` packed prompt tokens in `_dev_pf` (the body of each prefill graph): (T, H)."""
@@ -321,37 +360,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Capture the decode step for the batch-size ladder and the prefill forward per padded length.
+        """Capture decode steps, prefill forwards and mixed decode + prefill steps, largest first, in one pool.
 
-        Largest first, all in one memory pool. A prefill graph is the forward of T prompt tokens
-        (T a multiple of 16 up to the chunk budget); picking each completed prompt's last row and
-        sampling it stay eager. Graphs turn ~300 kernel launches into one, which is most of a
-        short prompt's time to first token. Prefill graphs need the Triton kernels (the SDPA
-        fallback crops the cache on the host).
+        Decode: one graph per batch bucket. Prefill: the forward of T prompt tokens (T a multiple
+        of 16 up to the chunk budget), for steps with no decode rows. Mixed: a decode bucket plus
+        up to `_MIXED_MAX_PREFILL` prompt tokens in one forward, so a join costs the live streams
+        no second read of the weights. Picking each completed prompt's last row and sampling it
+        stay eager. Graphs turn ~300 kernel launches into one. Prefill and mixed graphs need the
+        Triton kernels (the SDPA fallback crops the cache on the host).
         """
         if not self.use_graphs:
             return
         ladder = graph_ladder(self.max_slots)
         self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))
-        lengths = range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD) if self.use_triton else []
-        todo = [("decode", bs) for bs in reversed(ladder)] + [("prefill", t) for t in reversed(lengths)]
+        lengths = list(range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD)) if self.use_triton else []
+        mixed = [t for t in lengths if t <= _MIXED_MAX_PREFILL]
+        todo = [(bs, 0) for bs in reversed(ladder)] + [(0, t) for t in reversed(lengths)]
+        todo += [(bs, t) for bs in reversed(ladder) for t in reversed(mixed)]
         pool = None
-        for kind, size in tqdm(todo, desc="Capturing CUDA graphs", unit="graph"):
-            forward = self._decode_step if kind == "decode" else self._prefill_forward
-            if kind == "prefill":  # padding tokens: id 0 at position 0 of the dummy slot
-                self._dev_pf[: 2 * size] = 0
-                self._dev_pf[2 * size : 3 * size] = self.dummy_slot
-            body = functools.partial(forward, size, max_len=self.max_len)
+        for bs, t in tqdm(todo, desc="Capturing CUDA graphs", unit="graph"):
+            if t:  # padding tokens: id 0 at position 0 of the dummy slot
+                self._dev_pf[: 2 * t] = 0
+                self._dev_pf[2 * t : 3 * t] = self.dummy_slot
+            if bs and t:
+                body = functools.partial(self._mixed_step, bs, t, max_len=self.max_len)
+            elif bs:
+                body = functools.partial(self._decode_step, bs, max_len=self.max_len)
+            else:
+                body = functools.partial(self._prefill_forward, t, max_len=self.max_len)
             body()  # warm-up: compiles kernels, sizes the pool
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = body()
             pool = graph.pool()
-            if kind == "decode":
-                self._graphs[size] = graph
+            if bs and t:
+                self._mixed_graphs[bs, t] = (graph, out)
+            elif bs:
+                self._graphs[bs] = graph
             else:
-                self._prefill_graphs[size] = (graph, out)
+                self._prefill_graphs[t] = (graph, out)
         torch.cuda.synchronize(self.device)
         self._buckets = ladder
 
