@@ -22,12 +22,14 @@ def level_stats(streams: list[tuple], wall_s: float) -> dict:
     playback starting when the first chunk arrives.
     """
     ttfb, gaps, rtf, underruns, late_ms = [], [], [], 0, []
+    late_first_s = 0  # late chunks within the first second of their stream's audio
     for t0, arr, sizes, _ in streams:
         ttfb.append((arr[0] - t0) * 1e3)
         gaps.extend(np.diff(arr) * 1e3)
-        played = arr[0] + np.concatenate([[0], np.cumsum(sizes)[:-1]]) / SAMPLE_RATE  # when each chunk is due
-        late = arr - played
+        offset_s = np.concatenate([[0], np.cumsum(sizes)[:-1]]) / SAMPLE_RATE  # each chunk's place in the audio
+        late = arr - (arr[0] + offset_s)  # arrival minus when it is due, playback starting at the first chunk
         underruns += int((late[1:] > 0).sum())
+        late_first_s += int(((late > 0) & (offset_s < 1.0))[1:].sum())
         late_ms.append(float(late.max()) * 1e3)
         rtf.append(sizes.sum() / SAMPLE_RATE / (arr[-1] - t0))
     token_ms, frame_ms = [m[0] for *_, m in streams], [m[1] for *_, m in streams]
@@ -45,6 +47,7 @@ def level_stats(streams: list[tuple], wall_s: float) -> dict:
         "rtf_median": float(np.median(rtf)),
         "rtf_min": float(np.min(rtf)),
         "underruns": underruns,
+        "underruns_in_first_s": late_first_s,
         "streams_with_underrun": sum(1 for m in late_ms if m > 0),
         "worst_lateness_ms": float(max(late_ms)),
         "wall_s": wall_s,
