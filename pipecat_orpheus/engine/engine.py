@@ -4,8 +4,9 @@
 slot or the bounded queue (else `EngineBusy`), and returns an `AudioStream`. One background
 thread owns the GPU and runs the loop
 
-    schedule step k+1 -> launch SNAC for the ready windows, then step k+1 (decode graph + chunked
-    prefill + GPU sampling), behind step k on one CUDA stream -> wait for step k's tokens ->
+    schedule step k+1 -> launch SNAC for the ready windows, then step k+1 (one CUDA graph of the
+    decode rows and any joining prompt chunks, GPU sampling), behind step k on one CUDA stream ->
+    wait for step k's tokens ->
     postprocess -> each request's completed 7-token frames to its `CodecStream` -> hand out the
     PCM of the SNAC launch
 
@@ -20,8 +21,9 @@ step time. The thread never waits on a consumer, so a slow reader never stalls t
 First audio and quality: a frame is decoded best once `codec.lookahead_frames` (L) later frames
 exist, which would cost 7 engine steps per frame of lookahead before the first audio. Instead
 each frame is timed against its playback deadline (`CodecStream`): the first frame goes out as
-soon as it exists (when frames come faster than they play), and every later one waits for more
-lookahead only while it can still be decoded before the audio before it has finished playing.
+soon as it exists (when frames come faster than they play), and the next ones wait for more
+lookahead only while they can still be decoded before the audio before them has finished
+playing, until the stream has caught up; from then on every frame gets the full lookahead.
 """
 
 from __future__ import annotations
