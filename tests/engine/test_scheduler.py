@@ -184,3 +184,47 @@ def test_interleavings_keep_invariants(ops):
         assert not waiting or s.num_running == s.max_slots  # nobody waits while a slot is free
         for r in known.values():
             assert all(len(ids) <= r.max_new_tokens + 1 for ids in r.output_ids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["submit", "cancel", "launch", "apply", "eos"]), st.integers(0, 9)), max_size=90)
+)
+def test_pipelined_interleavings_keep_invariants(ops):
+    """Scheduling up to two steps ahead of their tokens, under any joins and cancels, keeps every invariant.
+
+    Each request's pieces end with END_OF_SPEECH or at their cap, never hold a token of a stale row,
+    and never run ahead of what was scheduled; draining leaves no slot taken.
+    """
+    s = make_scheduler(max_slots=3, max_queue=2, prefill_chunk_tokens=12)
+    known: dict[str, Request] = {}
+    in_flight = []
+
+    def apply(token: int) -> None:
+        step = in_flight.pop(0)
+        s.postprocess(step, [token] * len(step.decode), [AUDIO] * sum(c.last for c in step.prefill))
+
+    for op, arg in ops:
+        if op == "submit" and s.can_admit():
+            r = make_request(len(known), prompt_len=5 + arg, max_tokens=7 + arg, pieces=1 + arg % 2)
+            s.admit(r)
+            known[r.request_id] = r
+        elif op == "cancel" and known:
+            s.cancel(sorted(known)[arg % len(known)])
+        elif op == "launch" and len(in_flight) < 2:
+            in_flight.append(s.schedule())
+        elif in_flight:
+            apply(fmt.END_OF_SPEECH if op == "eos" else AUDIO)
+        live = [r for r in known.values() if r.is_live]
+        assert len({r.slot for r in live}) == len(live) == s.num_running <= s.max_slots
+        for r in known.values():
+            for ids in r.output_ids:
+                assert len(ids) <= r.max_new_tokens + 1 and fmt.END_OF_SPEECH not in ids[:-1]
+            assert r.num_generated <= r.num_scheduled or r.status is not RequestStatus.DECODE
+    for _ in range(200):  # drain: every request finishes or was cancelled, every slot comes back
+        in_flight.append(s.schedule())
+        apply(AUDIO)
+    while in_flight:
+        apply(AUDIO)
+    assert s.num_running == 0 and s.num_waiting == 0
+    assert all(r.is_done for r in known.values())
