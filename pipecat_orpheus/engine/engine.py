@@ -197,7 +197,7 @@ class OrpheusEngine:
         return self._closed
 
     def close(self) -> None:
-        """Stop the step thread and the codec worker; every request in flight ends with RequestCancelled."""
+        """Stop the step thread; every request in flight (or with audio not yet decoded) ends with RequestCancelled."""
         with self._cond:
             if self._closed:
                 return
