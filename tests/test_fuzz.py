@@ -20,7 +20,7 @@ from pipecat_orpheus import protocol as p
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.server import serve
 from pipecat_orpheus.synthesizer import load_synthesizer
-from tests.test_reliability import TEXT, UPGRADE, tiny_overrides
+from tests.reliability_helpers import TEXT, UPGRADE, tiny_overrides
 
 MESSAGE_LIMIT, FRAME_LIMIT = 1024, 4096  # limits.max_message_bytes / max_frame_bytes of this module's server
 EOS_FRAMES = (msgpack.packb({"type": "Eos"}), p.EOS_FRAME)

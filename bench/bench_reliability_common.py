@@ -1,0 +1,175 @@
+"""What every phase of the reliability bench shares: the key, the texts, the well-behaved clients, the checks.
+
+`Bench.phase` runs one phase's abuse with the good clients alongside, then checks that the server
+is whole again (slots back to 0, no asyncio task left over, /healthz 200); bench_reliability.py
+drives the phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import msgpack
+from websockets.asyncio.client import connect
+
+from pipecat_orpheus import protocol as p
+from pipecat_orpheus.server import OrpheusServer
+
+KEY = "bench-Key-7f3a9c"  # the server's one API key; must never reach a log
+AUTH = {"kyutai-api-key": KEY}
+GOOD_TEXT = "Hello there, how can I help you today?"
+LONG_TEXT = "One two three four five six seven eight nine ten eleven twelve. " * 30
+POISON = "語" * 150  # one 150-char piece, 3 byte-tokens a char: its prompt does not fit a slot, submit fails
+ALLOWED_CLOSES = {1000, 1007, 1009, 1013}  # Eos done, invalid UTF-8, frame past max_frame_bytes, busy
+REPLY_TIMEOUT_S = 60  # a well-behaved client waiting longer than this for audio counts as starved
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+MALLINFO2 = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in MALLINFO2]  # glibc's struct mallinfo2, in order
+
+
+def heap_mib() -> dict[str, float] | None:
+    """glibc's malloc, all arenas: MiB in use (small chunks + mmapped) and freed but kept; None off glibc >= 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return {"heap_in_use": (info.uordblks + info.hblkhd) / 2**20, "heap_free_held": info.fordblks / 2**20}
+
+
+def p99_ms(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)
+
+
+def pack(**body) -> bytes:
+    return msgpack.packb(body)
+
+
+class Bench:
+    """The server, its well-behaved clients and the counters of the current phase."""
+
+    def __init__(self, server: OrpheusServer, synth, expected: int, n_good: int):
+        self.server, self.synth, self.expected, self.n_good = server, synth, expected, n_good
+        self.url = server.url
+        self.failures: list[str] = []
+        self.data_lost = 0
+        self.ttfa: list[float] = []
+        self.utterances = 0
+        self.unhandled = 0  # exceptions that reached the event loop's handler
+
+    def fail(self, what: str) -> None:
+        self.failures.append(what[:300])
+
+    async def good_client(self, stop: asyncio.Event, i: int) -> None:
+        """Speak GOOD_TEXT again and again; every utterance must be whole and in time."""
+        n = 0
+        while not stop.is_set():
+            try:
+                async with connect(self.url, additional_headers=AUTH, compression=None) as ws:
+                    assert p.decode_server(await ws.recv()) == p.Ready()
+                    while not stop.is_set():
+                        n += 1
+                        t0, first, samples = time.perf_counter(), None, 0
+                        await ws.send(pack(type="Speak", text=GOOD_TEXT, id=n))
+                        while True:
+                            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                                m = p.decode_server(await ws.recv())
+                            if isinstance(m, p.Audio):
+                                first = first if first is not None else time.perf_counter() - t0
+                                samples += len(m.pcm)
+                            elif isinstance(m, p.Done):
+                                break
+                            elif isinstance(m, p.Error):
+                                raise RuntimeError(f"Error: {m.message}")
+                        self.utterances += 1
+                        self.ttfa.append(first)
+                        if samples != self.expected:
+                            self.data_lost += 1
+                            self.fail(f"good client {i}: {samples} samples, expected {self.expected}")
+            except Exception as e:  # noqa: BLE001 - any failure of a well-behaved client is a finding
+                self.fail(f"good client {i}: {type(e).__name__}: {e}")
+                await asyncio.sleep(0.5)
+
+    async def phase(self, name: str, work) -> dict:
+        """Run `work()` with the good clients alongside; then check the server is whole again."""
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        self.failures, self.data_lost, self.ttfa, self.utterances = [], 0, [], 0
+        unhandled0 = self.unhandled
+        gc.collect()
+        tasks0, rss0, t0 = len(asyncio.all_tasks()), rss_mib(), time.perf_counter()
+        stop = asyncio.Event()
+        good = [asyncio.create_task(self.good_client(stop, i)) for i in range(self.n_good)]
+        details = await guarded(self, name, work()) or {}
+        stop.set()
+        await asyncio.gather(*good)
+        try:
+            async with asyncio.timeout(15):
+                while self.synth.active_requests or self.synth.queued_requests or self.server.open_streams:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            self.fail(f"not idle: {self.synth.active_requests} active, {self.server.open_streams} streams")
+        await asyncio.sleep(0.2)
+        gc.collect()
+        leaked = len(asyncio.all_tasks()) - tasks0
+        if leaked > 0:
+            self.fail(f"{leaked} asyncio tasks left over: {[t.get_name() for t in asyncio.all_tasks()]}")
+        if self.unhandled > unhandled0:
+            self.fail(f"{self.unhandled - unhandled0} unhandled exceptions in the event loop")
+        if (await http_status(self.server.port, "/healthz")) != 200:
+            self.fail("/healthz is not 200")
+        result = {
+            "failures": len(self.failures),
+            "data_lost": self.data_lost,
+            "rss_growth_pct": round(100 * (rss_mib() - rss0) / rss0, 2),
+            "good_ttfa_p99_ms": p99_ms(self.ttfa),
+            "good_ttfa_p50_ms": round(1000 * statistics.median(self.ttfa), 1) if self.ttfa else None,
+            "good_utterances": self.utterances,
+            "duration_s": round(time.perf_counter() - t0, 1),
+            "leaked_tasks": max(leaked, 0),
+            **details,
+            "failure_samples": self.failures[:10],
+        }
+        print(f"    {json.dumps(result)}", flush=True)
+        return result
+
+
+async def http_status(port: int, path: str, headers: list[tuple[str, str]] = ()) -> int | None:
+    """Status of a raw GET (None if the server closed without answering)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+    try:
+        line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.transport.abort()
+    return int(line.split()[1]) if line.startswith(b"HTTP/1.1") else None
+
+
+async def guarded(bench: Bench, name: str, work):
+    """`await work`, or None with a failure recorded if it raised (the bench goes on)."""
+    try:
+        return await work
+    except Exception as e:  # noqa: BLE001 - an abuse step that breaks is a finding, not the end of the run
+        bench.fail(f"{name}: {type(e).__name__}: {e}")
+        return None
