@@ -35,6 +35,7 @@ import torch
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.codec_stream import FRAME_S
 from pipecat_orpheus.config import EngineConfig, load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
 from pipecat_orpheus.engine.attention import triton_available
@@ -186,11 +187,10 @@ def codec_graph_check(snac, config, device, rng) -> dict:
     eager = SnacCodec(snac, dataclasses.replace(config.codec, compile=False, cuda_graphs=False), device)
     left, lookahead = config.codec.left_context_frames, config.codec.lookahead_frames
     snr = {}
-    frame_s = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE
     for pace in (None, 0.2, 0.5, 0.9):  # offline, or live with frames arriving at this fraction of their length
         streams = [graphed.open_stream(seed) for seed in range(3)]
         for t in range(left + lookahead + 3):
-            live = {} if pace is None else {"now": t * pace * frame_s, "wait_s": 0.3 * frame_s}
+            live = {} if pace is None else {"now": t * pace * FRAME_S, "wait_s": 0.3 * FRAME_S}
             windows = [w for s in streams for w in s.push(rng.integers(0, fmt.CODEBOOK_SIZE, 7), **live)]
             windows += [w for s in streams for w in s.finish()] if t == left + lookahead + 2 else []
             if not windows:

@@ -34,7 +34,8 @@ from transformers import (
 )
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.codec import SnacCodec, Window
+from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.codec_stream import Window
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipecat_orpheus.codec import CodecStream, SnacCodec, Window, _buckets, graphed_shapes, hashed_normal
+from pipecat_orpheus.codec import SnacCodec, _buckets, hashed_normal
+from pipecat_orpheus.codec_stream import FRAME_S, CodecStream, Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
-from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, frames_to_snac_codes
+from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes
 from pipecat_orpheus.loader import load_snac
 
 LENGTHS = [1, 2, 3, 4, 5, 6, 9, 200]
-FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds of audio per frame
 
 
 def snr_db(test: np.ndarray, ref: np.ndarray) -> float:

@@ -42,7 +42,8 @@ import torch
 from loguru import logger
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.codec import CodecStream, DecodedAudio, SnacCodec, Window
+from pipecat_orpheus.codec import DecodedAudio, SnacCodec
+from pipecat_orpheus.codec_stream import CodecStream, Window
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.errors import ConfigError, RequestCancelled
 from pipecat_orpheus.synthesizer import AudioStream
