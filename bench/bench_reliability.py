@@ -77,6 +77,7 @@ async def main(args) -> dict:
         "sampling.seed": 7,  # every request of a text gets the same tokens: lengths are known
         "server.ping_interval_s": 1,
         "server.ping_timeout_s": 2,
+        "server.close_timeout_s": 2,
         "limits.max_connections": 64,
         "limits.max_unsent_audio_s": 2,
     }
@@ -86,7 +87,7 @@ async def main(args) -> dict:
     expected = len(await solo.read_all())
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # a slow reader's backlog reaches the server
-    server = OrpheusServer(cfg, synth, sock=listener, api_keys=[KEY], close_timeout_s=2)
+    server = OrpheusServer(cfg, synth, sock=listener, api_keys=[KEY])
     await server.start()
     bench = Bench(server, synth, expected, args.good)
     leaks = {"lines": 0}

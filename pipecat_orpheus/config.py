@@ -101,6 +101,7 @@ class ServerConfig:
     ping_interval_s: float = field(default=10.0, metadata=_range(0.1, 3600))
     ping_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
     shutdown_grace_s: float = field(default=10.0, metadata=_range(0.0, 3600))
+    close_timeout_s: float = field(default=10.0, metadata=_range(0.1, 3600))
 
 
 @dataclass(frozen=True, slots=True)

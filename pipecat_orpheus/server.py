@@ -56,8 +56,6 @@ class OrpheusServer:
         sock: socket.socket | None = None,
         # Auth
         api_keys: Sequence[str] | None = None,
-        # Timeouts
-        close_timeout_s: float = 10.0,
     ):
         """Configure a server; `start()` binds it.
 
@@ -69,7 +67,6 @@ class OrpheusServer:
             sock: an already bound, listening socket to serve on instead of host and port
                 (socket activation; accepted sockets inherit its options, e.g. SO_SNDBUF).
             api_keys: accepted keys; None reads the comma-separated env var `server.api_key_env`.
-            close_timeout_s: how long a closing handshake may take before the socket is dropped.
         """
         self.config = config
         self.synthesizer = synthesizer
@@ -80,7 +77,7 @@ class OrpheusServer:
             api_keys = os.environ.get(config.server.api_key_env, "").split(",")
         # Keys are kept only as digests: compared in constant time, never logged.
         self._key_digests = [_digest(k.strip()) for k in api_keys if k.strip()]
-        self._close_timeout_s = close_timeout_s
+        self._close_timeout_s = config.server.close_timeout_s
         self._sampling = SamplingParams.from_config(config.sampling)
         self._ws: Server | None = None
         self._streams: set[Connection] = set()
@@ -284,16 +281,12 @@ async def serve(
     sock: socket.socket | None = None,
     # Auth
     api_keys: Sequence[str] | None = None,
-    # Timeouts
-    close_timeout_s: float = 10.0,
 ) -> AsyncIterator[OrpheusServer]:
     """Serve `synthesizer` while the context is open, then shut down gracefully (tests: `port=0`).
 
     Args are those of `OrpheusServer`.
     """
-    server = OrpheusServer(
-        config, synthesizer, host=host, port=port, sock=sock, api_keys=api_keys, close_timeout_s=close_timeout_s
-    )
+    server = OrpheusServer(config, synthesizer, host=host, port=port, sock=sock, api_keys=api_keys)
     await server.start()
     try:
         yield server

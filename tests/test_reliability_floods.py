@@ -46,10 +46,14 @@ async def test_connection_flood_gets_busy_and_the_server_goes_on(config, synth):
 
 async def test_floods_slow_and_silent_peers_do_not_starve_a_good_client(config, synth, expected):
     """Floods, slow readers, silent peers, cancel storms and churn at once: a good client still gets all its audio."""
-    cfg = with_(config, server={"ping_interval_s": 0.2, "ping_timeout_s": 0.5}, limits={"max_unsent_audio_s": 0.3})
+    cfg = with_(
+        config,
+        server={"ping_interval_s": 0.2, "ping_timeout_s": 0.5, "close_timeout_s": 0.5},
+        limits={"max_unsent_audio_s": 0.3},
+    )
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # a slow reader's backlog reaches the server
-    async with serve(cfg, synth, sock=listener, api_keys=[KEY], close_timeout_s=0.5) as server:
+    async with serve(cfg, synth, sock=listener, api_keys=[KEY]) as server:
         auth = {"kyutai-api-key": KEY}
 
         async def flooder():

@@ -320,12 +320,12 @@ async def test_silent_peer_is_dropped(config, synth):
 )
 async def test_client_that_stops_reading_is_closed(config, synth, bound):
     """A client that stops reading is dropped with the server's buffer bounded, and its slot freed."""
-    cfg = with_(config, sampling={"max_tokens": 70}, **bound)
+    cfg = with_(with_(config, sampling={"max_tokens": 70}, server={"close_timeout_s": 0.5}), **bound)
     listener = socket.create_server(("127.0.0.1", 0))
     # Small kernel buffers on both ends (Linux autotunes the server's up to MBs on loopback), so
     # what the client does not read piles up where the server can see it.
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-    async with serve(cfg, synth, sock=listener, close_timeout_s=0.5) as server:
+    async with serve(cfg, synth, sock=listener) as server:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", server.port))
@@ -396,8 +396,8 @@ async def test_engine_busy_is_per_utterance(tiny_model_dir):
 
 async def test_shutdown_finishes_or_cancels_then_1001(config, synth):
     """Shutdown refuses new streams, gives in-flight work the grace period, then closes every stream with 1001."""
-    cfg = with_(config, sampling={"max_tokens": 140})
-    async with serve(cfg, synth, port=0, close_timeout_s=2) as server:
+    cfg = with_(config, sampling={"max_tokens": 140}, server={"close_timeout_s": 2})
+    async with serve(cfg, synth, port=0) as server:
         idle = await connect(server.url)
         busy = await connect(server.url)
         await idle.recv(), await busy.recv()
