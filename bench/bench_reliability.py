@@ -49,6 +49,7 @@ from loguru import logger
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.server import OrpheusServer
 from pipecat_orpheus.synthesizer import load_synthesizer
+from pipecat_orpheus.testing import make_tiny_model, tiny_model_overrides
 
 # glibc's dynamic thresholds: each time a large block is freed it raises the mmap threshold (up to
 # 32 MiB) and the heap-top trim threshold to twice that, so after a peak of concurrent requests up to
@@ -61,13 +62,9 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 async def main(args) -> dict:
     model_dir = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="bench_rel_"))
     if not args.model_dir:
-        from pipecat_orpheus.testing import make_tiny_model
-
         make_tiny_model(model_dir)
     overrides = {
-        "model.llm": str(model_dir / "llm"),
-        "model.codec": str(model_dir / "snac"),
-        "model.device": "cpu",
+        **tiny_model_overrides(model_dir),
         "engine.backend": args.backend,
         "engine.max_slots": args.slots,
         "engine.max_queue": 4 * args.slots,

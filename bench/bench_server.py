@@ -103,16 +103,14 @@ async def open_ready(url: str):
 
 
 async def cpu_bench(args) -> dict:
-    from pipecat_orpheus.testing import make_tiny_model
+    from pipecat_orpheus.testing import make_tiny_model, tiny_model_overrides
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_server_"))
     make_tiny_model(tmp)
     port = free_port()
     overrides = {
         "engine.backend": "reference",
-        "model.llm": str(tmp / "llm"),
-        "model.codec": str(tmp / "snac"),
-        "model.device": "cpu",
+        **tiny_model_overrides(tmp),
         "sampling.max_tokens": 14,
         "server.port": port,
         "limits.max_connections": args.connections + 16,

@@ -165,3 +165,9 @@ def make_tiny_model(root: Path | str) -> None:
     root = Path(root)
     make_tiny_llm(root / "llm")
     make_tiny_snac(root / "snac")
+
+
+def tiny_model_overrides(root: Path | str) -> dict[str, str]:
+    """Config overrides (`load_config(overrides=...)`) for the tiny model `make_tiny_model(root)` wrote, on the CPU."""
+    root = Path(root)
+    return {"model.llm": str(root / "llm"), "model.codec": str(root / "snac"), "model.device": "cpu"}

@@ -23,6 +23,7 @@ from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus import protocol as p
 from pipecat_orpheus.config import Config, ModelConfig, load_config
+from pipecat_orpheus.testing import tiny_model_overrides
 from tests.helpers import load_script
 from tests.test_voice_agent import bot, llm_reply, run_agent, whisper_dir, whisper_flags  # noqa: F401 (fixtures)
 
@@ -136,9 +137,7 @@ def serving_config(tiny_model_dir: Path) -> Config:
     return load_config(
         overrides={
             "engine.backend": "reference",
-            "model.llm": str(tiny_model_dir / "llm"),
-            "model.codec": str(tiny_model_dir / "snac"),
-            "model.device": "cpu",
+            **tiny_model_overrides(tiny_model_dir),
             "sampling.max_tokens": 28,
             "sampling.seed": 7,
             "server.host": "127.0.0.1",

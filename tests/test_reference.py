@@ -12,6 +12,7 @@ from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled
 from pipecat_orpheus.reference import ReferenceSynthesizer, allowed_tokens, audio_constraint, generate_tokens
+from pipecat_orpheus.testing import tiny_model_overrides
 from pipecat_orpheus.text import split_text
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=3)
@@ -20,9 +21,7 @@ GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, 
 def make_config(tiny_model_dir, **overrides):
     values = {
         "engine.backend": "reference",
-        "model.llm": str(tiny_model_dir / "llm"),
-        "model.codec": str(tiny_model_dir / "snac"),
-        "model.device": "cpu",
+        **tiny_model_overrides(tiny_model_dir),
         "sampling.max_tokens": 70,
     }
     values.update(overrides)

@@ -24,6 +24,7 @@ from pipecat_orpheus.pcm import MESSAGE_SAMPLES
 from pipecat_orpheus.reference import ReferenceSynthesizer
 from pipecat_orpheus.server import run, serve
 from pipecat_orpheus.synthesizer import load_synthesizer
+from pipecat_orpheus.testing import tiny_model_overrides
 
 LONG_TEXT = "One two three four. Five six seven eight. Nine ten eleven twelve. Thirteen fourteen fifteen."
 
@@ -31,9 +32,7 @@ LONG_TEXT = "One two three four. Five six seven eight. Nine ten eleven twelve. T
 def overrides(tiny_model_dir, **extra):
     return {
         "engine.backend": "reference",
-        "model.llm": str(tiny_model_dir / "llm"),
-        "model.codec": str(tiny_model_dir / "snac"),
-        "model.device": "cpu",
+        **tiny_model_overrides(tiny_model_dir),
         "sampling.max_tokens": 14,  # two 7-token frames per sentence: fast on CPU
         "engine.max_chars_per_piece": 20,
         "server.shutdown_grace_s": 1.0,

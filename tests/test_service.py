@@ -39,6 +39,7 @@ from pipecat_orpheus.pcm import float_to_pcm16_bytes
 from pipecat_orpheus.server import OrpheusServer, serve
 from pipecat_orpheus.service import OrpheusTTSService, OrpheusTTSSettings
 from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
+from pipecat_orpheus.testing import tiny_model_overrides
 
 MAX_TOKENS = 28  # 4 frames (341 ms) per sentence: enough to stream several chunks, quick on CPU
 LONG_TOKENS = 1960  # 280 frames (24 s): still generating when the interruption lands, even on a fast CPU
@@ -52,9 +53,7 @@ def tiny_config(model_dir: Path, **overrides: object) -> Config:
     return load_config(
         overrides={
             "engine.backend": "reference",
-            "model.llm": str(model_dir / "llm"),
-            "model.codec": str(model_dir / "snac"),
-            "model.device": "cpu",
+            **tiny_model_overrides(model_dir),
             "sampling.max_tokens": MAX_TOKENS,
             "sampling.seed": 7,
             "engine.max_slots": 1,  # one request at a time and no queue: a second one is refused (busy test)

@@ -12,6 +12,7 @@ from pipecat_orpheus.errors import EngineBusy, RequestCancelled
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.noise import noise_key
 from pipecat_orpheus.reference import ReferenceSynthesizer
+from pipecat_orpheus.testing import tiny_model_overrides
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=5)
 LONG_TEXT = "First sentence is here. " * 3 + "And the second piece follows it."  # two pieces at 60 chars
@@ -19,9 +20,7 @@ LONG_TEXT = "First sentence is here. " * 3 + "And the second piece follows it." 
 
 def make_config(tiny_model_dir, **overrides):
     values = {
-        "model.llm": str(tiny_model_dir / "llm"),
-        "model.codec": str(tiny_model_dir / "snac"),
-        "model.device": "cpu",
+        **tiny_model_overrides(tiny_model_dir),
         "engine.max_slots": 3,
         "engine.max_tokens_per_slot": 160,
         "engine.prefill_chunk_tokens": 16,
