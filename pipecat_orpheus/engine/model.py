@@ -134,20 +134,6 @@ class OrpheusLM:
 
     # -- forwards --------------------------------------------------------------------------
 
-    def decode(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        *,
-        max_len: int,
-        use_triton: bool,
-    ) -> torch.Tensor:
-        """One token per row: (B,) ids at (B,) positions of (B,) slots -> (B, N_HEAD_ROWS + padding) logits."""
-        return self.head_logits(self.forward(input_ids, positions, slots, k_cache, v_cache, max_len, use_triton))
-
     def prefill(
         self,
         input_ids: torch.Tensor,
@@ -161,7 +147,7 @@ class OrpheusLM:
     ) -> torch.Tensor:
         """Prompt tokens of any requests, flattened: (T,) ids at (T,) positions of (T,) slots -> (T, H) normed hidden.
 
-        The same forward as decode: every token's K/V is written before the layer's attention, so a
+        The same forward as a decode step: every token's K/V is written before the layer's attention, so a
         token sees its own chunk's earlier tokens and earlier chunks through the cache. No padding
         per request and no mask: shapes depend on T only (few to warm up), and on CUDA the
         attention is the decode kernel (the same compiled Triton code, nothing new to specialise).

@@ -93,7 +93,7 @@ def test_chunked_prefill_and_decode_match_transformers(llm):
         last = lm.head_logits(hidden[[len(rest) - 1, len(rest) + len(prompts[1]) - 1]])  # (2, head rows)
         nxt = torch.tensor([fmt.audio_token(0, 7), fmt.audio_token(0, 9)])
         positions = torch.tensor([len(prompts[0]), len(prompts[1])])
-        step = lm.decode(nxt, positions, slots, k_cache, v_cache, max_len=64, use_triton=False)
+        step = lm.head_logits(lm.forward(nxt, positions, slots, k_cache, v_cache, 64, False))  # a decode step
         rows = head_token_ids()
         for i, prompt in enumerate(prompts):
             ref = model(torch.tensor([[*prompt, int(nxt[i])]])).logits[0].float()  # (P + 1, V)
@@ -125,7 +125,7 @@ def test_fused_decode_kernels_match_plain_decode(llm):
         for (kc, vc), fused in zip(caches, (False, True), strict=False):
             lm.prefill(torch.tensor(prompt), torch.arange(n), slots.repeat(n), kc, vc, max_len=n, use_triton=fused)
             nxt = torch.tensor([fmt.audio_token(0, 3)])
-            logits.append(lm.decode(nxt, torch.tensor([n]), slots, kc, vc, max_len=n + 1, use_triton=fused))
+            logits.append(lm.head_logits(lm.forward(nxt, torch.tensor([n]), slots, kc, vc, n + 1, fused)))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(caches[1][0], caches[0][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1][1], caches[0][1])
