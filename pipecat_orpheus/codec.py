@@ -12,11 +12,12 @@ with an offline decode sample by sample. The decoder is also cropped after every
 block to the emitted frames plus the receptive field of the layers left, which gives the same
 samples for much less work at the high-rate layers.
 
-On a GPU every window shape a stream of three or more frames goes through (its first frames,
-the steady state, its tail) is decoded by CUDA graphs, one per batch bucket. `launch` queues a
-batch of windows on the caller's CUDA stream and returns at once; the engine launches each
-step's windows on its own stream just before the next decode step, so SNAC and the LLM never
-compete for the GPU or the GIL, and the PCM is read back while the next step runs.
+On a GPU every window shape of a stream longer than its context (its first frames, frames
+sent early for their playback deadline, the steady state, its tail) is decoded by CUDA graphs,
+one per batch bucket. `launch` queues a batch of windows on the caller's CUDA stream and returns
+at once; the engine launches each step's windows on its own stream just before the next decode
+step, so SNAC and the LLM never compete for the GPU or the GIL, and the PCM is read back while
+the next step runs.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ class SnacCodec:
                     width = shape[0] * FRAME_TOKENS + 2
                     self._graph_inputs[shape] = torch.zeros((bucket, width), dtype=torch.int64, device=self.device)
                 packed = self._graph_inputs[shape][:bucket]  # (bucket, frames * 7 + 2)
-                fn = self._steady_fn if shape == self._steady else functools.partial(self._decode_packed, shape=shape)
+                fn = self._decode_fn(shape)
                 for _ in range(2):  # warm up (cuDNN plans, compile) outside the capture
                     fn(packed)
                 graph = torch.cuda.CUDAGraph()
@@ -269,8 +270,7 @@ class SnacCodec:
             self._graph_inputs[shape][:b].copy_(packed, non_blocking=True)  # rows past b: stale, ignored
             graph.replay()
             return out[:b]
-        packed = packed.to(self.device, non_blocking=True)  # the buffer is not reused before the launch is waited
-        return self._steady_fn(packed) if shape == self._steady else self._decode_packed(packed, shape=shape)
+        return self._decode_fn(shape)(packed.to(self.device, non_blocking=True))  # not reused before the wait
 
     def _stage(self, windows: list[Window], width: int) -> torch.Tensor:
         """Pack each window's codes, noise key and start frame into one int64 row of the host buffer."""
@@ -298,6 +298,10 @@ class SnacCodec:
         else:
             host = torch.empty(pcm.shape, dtype=torch.float32, pin_memory=True)  # (B, T): a rare oversized batch
         return host.copy_(pcm, non_blocking=True)
+
+    def _decode_fn(self, shape: tuple[int, int, int]):
+        """The decode of packed windows of `shape`: the compiled one for the steady shape, else the eager one."""
+        return self._steady_fn if shape == self._steady else functools.partial(self._decode_packed, shape=shape)
 
     def _decode_steady(self, packed: torch.Tensor) -> torch.Tensor:
         return self._decode_packed(packed, shape=self._steady)
