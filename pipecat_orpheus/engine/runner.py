@@ -3,10 +3,10 @@
 The runner owns the static slotted KV cache (sized from config and checked against free memory
 at start), the per-slot sampling parameters and repetition-penalty presence masks, and the
 persistent input/output buffers. A step is: one H2D copy of a pinned int64 block (slots, where
-each row's input token is in the last step's output, positions, counters), a CUDA-graph replay
-of decode + sampling for the smallest captured batch size that fits (padding rows write to a
-dummy slot), the eager prefill of this step's prompt chunks queued behind it, and one D2H copy
-of the sampled tokens. Input tokens never travel through the host, so the next step can be
+each row's input token is in the last step's output, positions, counters), one CUDA-graph replay
+of the decode rows (the smallest captured batch size that fits; padding rows write to a dummy
+slot) together with this step's prompt chunks (padded to a multiple of 16), sampling on the GPU,
+and one D2H copy of the sampled tokens. Input tokens never travel through the host, so the next step can be
 launched before the host has seen this one's tokens: `launch()` queues a step, `collect()` waits
 for the oldest one; two may be in flight (pinned buffers alternate between them).
 With `enforce_eager` (and always on CPU) the same step function runs without graphs.
@@ -249,17 +249,17 @@ class ModelRunner:
         tokens = self._dev_out[token_index]  # (bs,) sampled by the last step, read before this one writes
         return tokens, positions, slots, num_generated, noise_step
 
-    def _sample_decode(self, x: torch.Tensor, slots, num_generated, noise_step) -> None:
-        """Sample the next token of each decode row from its hidden state (bs, H) into `_dev_out[:bs]`."""
+    def _sample(self, x: torch.Tensor, slots, num_generated, noise_step, *, offset: int = 0) -> None:
+        """Sample each row's next token from its hidden state (B, H) into `_dev_out[offset:offset + B]`."""
         out = sample(self.lm.head_logits(x), self.presence[slots], self._rows(slots, num_generated, noise_step))
         self.presence.index_put_((slots, out.head_rows), self._true)  # a device scalar: graph-safe
-        self._dev_out[: x.shape[0]] = out.token_ids
+        self._dev_out[offset : offset + x.shape[0]] = out.token_ids
 
     def _decode_step(self, bs: int, *, max_len: int) -> None:
         """Decode + sample `bs` rows from `_dev_in` into `_dev_out` (the body of each decode graph)."""
         tokens, positions, slots, num_generated, noise_step = self._decode_inputs(bs)
         x = self.lm.forward(tokens, positions, slots, self.k_cache, self.v_cache, max_len, self.use_triton)  # (bs, H)
-        self._sample_decode(x, slots, num_generated, noise_step)
+        self._sample(x, slots, num_generated, noise_step)
 
     def _mixed_step(self, bs: int, t: int, *, max_len: int) -> torch.Tensor:
         """`bs` decode rows and `t` staged prompt tokens in one forward: the weights are read once for both.
@@ -278,7 +278,7 @@ class ModelRunner:
             max_len,
             self.use_triton,
         )  # (bs + T, H); fmt: skip
-        self._sample_decode(x[:bs], slots, num_generated, noise_step)
+        self._sample(x[:bs], slots, num_generated, noise_step)
         return x[bs:]
 
     def _stage_prefill(self, chunks: list[PrefillChunk], buffer: int) -> tuple[int, int]:
@@ -316,12 +316,8 @@ class ModelRunner:
 
     def _sample_first(self, x: torch.Tensor, t: int, m: int, *, offset: int) -> None:
         """The first audio token of each of the `m` completed prompts, from the prompt tokens' hidden states (T, H)."""
-        rows, first, noise_step = self._dev_pf[3 * t : 3 * t + 3 * m].view(3, m)  # (M,) each
-        logits = self.lm.head_logits(x[rows])  # (M, head rows)
-        zeros = torch.zeros_like(first)  # (M,) the first token of a piece
-        out = sample(logits, self.presence[first], self._rows(first, zeros, noise_step))
-        self.presence.index_put_((first, out.head_rows), self._true)
-        self._dev_out[offset : offset + m] = out.token_ids
+        rows, slots, noise_step = self._dev_pf[3 * t : 3 * t + 3 * m].view(3, m)  # (M,) each
+        self._sample(x[rows], slots, torch.zeros_like(slots), noise_step, offset=offset)  # no token generated yet
 
     def _prefill_forward(self, t: int, *, max_len: int) -> torch.Tensor:
         """The forward of `t` packed prompt tokens in `_dev_pf` (the body of each prefill graph): (T, H)."""
