@@ -78,11 +78,6 @@ class CodecStream:
         self.finished = False
         self.cancelled = False
 
-    @property
-    def frames_pushed(self) -> int:
-        """Frames received so far."""
-        return self._pushed
-
     def push(self, frame_codes: np.ndarray, *, now: float | None = None, wait_s: float = 0.0) -> list[Window]:
         """Add one frame of 7 codes (frame order, as format.frame_to_codes gives them).
 
