@@ -22,35 +22,25 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.service import OrpheusTTSService
-from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
+from pipecat_orpheus.synthesizer import Synthesizer
 from tests.test_service import (
     LONG_TOKENS,
     MAX_TOKENS,
     MODES,
     START_TIMEOUT_S,
+    config,  # noqa: F401 (a fixture)
     index,
     llm_reply,
     of,
     orpheus_tts,
     samples,
+    synth,  # noqa: F401 (a fixture)
     tiny_config,
     wait_idle,
 )
 
 REPLY = ("Sure", ", I ", "can help. ", "What is ", "your name?")  # two sentences, streamed as LLM tokens
 OUT_RATE = 16000  # a telephony-style transport rate, so the service resamples
-
-
-@pytest.fixture(scope="module")
-def agent_config(tiny_model_dir: Path) -> Config:
-    """The tiny model, reference backend, short sentences."""
-    return tiny_config(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def agent_synth(agent_config: Config) -> Synthesizer:
-    """The process-wide shared synthesizer (loaded once)."""
-    return load_synthesizer(agent_config)
 
 
 async def agent_turn(tts: OrpheusTTSService, frames: list[Frame]) -> tuple[list[Frame], list[Frame], LLMContext]:
@@ -72,9 +62,9 @@ def assistant_text(context: LLMContext) -> str:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_agent_turn(mode: str, agent_config: Config, agent_synth: Synthesizer) -> None:
+async def test_agent_turn(mode: str, config: Config, synth: Synthesizer) -> None:
     """A streamed LLM reply comes out as one spoken turn of 16 kHz audio, and the context holds the reply."""
-    async with orpheus_tts(mode, agent_config) as (tts, _):
+    async with orpheus_tts(mode, config) as (tts, _):
         down, up, context = await agent_turn(tts, llm_reply(*REPLY))
     assert not of(up, ErrorFrame)
     assert index(down, TTSStartedFrame) < index(down, TTSAudioRawFrame) < index(down, TTSStoppedFrame)
@@ -83,11 +73,11 @@ async def test_agent_turn(mode: str, agent_config: Config, agent_synth: Synthesi
     frame_s = fmt.SAMPLES_PER_FRAME / fmt.SAMPLE_RATE
     assert 2 * frame_s - 0.01 <= seconds <= 2 * (MAX_TOKENS // fmt.FRAME_TOKENS) * frame_s + 0.01
     assert assistant_text(context) == "Sure, I can help. What is your name?"
-    await wait_idle(agent_synth)
+    await wait_idle(synth)
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_agent_barge_in(mode: str, tiny_model_dir: Path, agent_synth: Synthesizer) -> None:
+async def test_agent_barge_in(mode: str, tiny_model_dir: Path, synth: Synthesizer) -> None:
     """A user barging in mid-reply silences the bot and keeps the unspoken reply out of the context."""
     config = tiny_config(tiny_model_dir, **{"sampling.max_tokens": LONG_TOKENS})
     frames = [*llm_reply(*REPLY), SleepFrame(2.0), InterruptionFrame(), SleepFrame(0.5)]
@@ -96,4 +86,4 @@ async def test_agent_barge_in(mode: str, tiny_model_dir: Path, agent_synth: Synt
     cut = index(down, InterruptionFrame)
     assert samples(down[:cut]) > 0 and not of(down[cut:], TTSAudioRawFrame)
     assert "your name" not in assistant_text(context)
-    await wait_idle(agent_synth)
+    await wait_idle(synth)
