@@ -58,6 +58,7 @@ REAL_SNAC = dict(
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_report import level_stats, plot, summarize, summary_table  # noqa: E402
 from bench_engine_steps import copy_bandwidth, kernel_profile, kv_bytes_per_token, step_timing, sync, weight_bytes  # noqa: E402
+from bench_engine_trace import LevelTrace, diagnose  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -207,14 +208,16 @@ def codec_graph_check(snac, config, device, rng) -> dict:
 
 
 async def run_level(engine: OrpheusEngine, n: int, args) -> dict:
-    """`n` streams, arrivals spread over `args.stagger_s`; per-stream timing of every chunk."""
+    """`n` streams, arrivals spread over `args.stagger_s`; per-stream timing of every chunk, and why some are late."""
     tokens = args.stream_tokens
+    puts: list[list[float]] = [[] for _ in range(n)]
 
     async def one(i: int):
         await asyncio.sleep(args.stagger_s * i / n)
         sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, seed=i)
         t0 = time.perf_counter()
         stream = engine.submit(f"Stream {i} reads this sentence for the benchmark.", sampling=sp)
+        puts[i] = trace.watch(stream)
         request = engine._requests[stream.request_id]  # for the engine-side timestamps only
         arrivals, sizes = [], []
         async for chunk in stream:
@@ -228,17 +231,22 @@ async def run_level(engine: OrpheusEngine, n: int, args) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
-    streams = await asyncio.gather(*(one(i) for i in range(n)))
+    with LevelTrace(engine) as trace:
+        streams = await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - t_start
     free, total = torch.cuda.mem_get_info() if args.device == "cuda" else (0, 0)
-    return level_stats(streams, wall) | {
-        "tok_s": (stats.decode_tokens - before[0]) / wall,
-        "steps": stats.steps - before[1],
-        "mean_step_ms": (stats.busy_s - before[2]) / max(stats.steps - before[1], 1) * 1e3,
-        "codec_windows": stats.codec_windows - before[3],
-        "gpu_mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
-        "gpu_mem_used_gib": (total - free) / 2**30,
-    }
+    return (
+        level_stats(streams, wall)
+        | {"lateness": diagnose(streams, puts, trace, t_start)}
+        | {
+            "tok_s": (stats.decode_tokens - before[0]) / wall,
+            "steps": stats.steps - before[1],
+            "mean_step_ms": (stats.busy_s - before[2]) / max(stats.steps - before[1], 1) * 1e3,
+            "codec_windows": stats.codec_windows - before[3],
+            "gpu_mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
+            "gpu_mem_used_gib": (total - free) / 2**30,
+        }
+    )
 
 
 async def ttfb_probe(engine: OrpheusEngine, args) -> dict:
@@ -367,9 +375,12 @@ def main() -> None:
         level = asyncio.run(run_level(engine, n, args))
         levels.append(level)
         rtf_min = level["rtf_min"]
-        log(
-            f"level {n}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in level.items())
-        )
+        fig = {k: v for k, v in level.items() if k != "lateness"}
+        log(f"level {n}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in fig.items()))
+        late = level["lateness"]
+        log(f"level {n} lateness: " + ", ".join(f"{k}={v:.4g}" for k, v in late.items() if not isinstance(v, list)))
+        for d in late["late_engine_worst"][:3] + late["slowest_steps"][:3]:
+            log(f"   {', '.join(f'{k}={v:.4g}' for k, v in d.items())}")
         if n == 1:
             result["ttfb_probe_1"] = asyncio.run(ttfb_probe(engine, args))
             log(f"first audio of lone requests: {result['ttfb_probe_1']}")
