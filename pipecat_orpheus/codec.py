@@ -131,16 +131,19 @@ class SnacCodec:
         # column indices on the device: a Python list index would be a host-to-device copy per call
         self._l1_cols = torch.tensor(_L1_COLS, device=self.device)  # (2,)
         self._l2_cols = torch.tensor(_L2_COLS, device=self.device)  # (4,)
-        # Nearly every window has the steady-state shape (left context, 1 frame, lookahead): it may be
-        # torch.compiled. On GPU every shape of `graphed_shapes` runs as CUDA graphs (one launch, no
-        # Python per kernel); other shapes (streams of one or two frames) run eagerly.
-        self._steady = (config.left_context_frames + 1 + config.lookahead_frames, config.left_context_frames, 1)
-        self._steady_fn = torch.compile(self._decode_steady) if config.compile and gpu else self._decode_steady
+        # Nearly every window is one frame with the full left context and some lookahead (the steady
+        # state, or a frame sent early for its deadline): those shapes may be torch.compiled. On GPU
+        # every shape of `graphed_shapes` runs as CUDA graphs (one launch, no Python per kernel);
+        # other shapes (streams of one or two frames) run eagerly.
+        left, ahead = config.left_context_frames, config.lookahead_frames
+        self._full_left = {(left + 1 + a, left, 1) for a in range(ahead + 1)}
+        self._compiled = {s: self._compile(s) for s in self._full_left} if config.compile and gpu else {}
         self._graphs: dict[tuple[int, int, int], dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
         self._graph_inputs: dict[tuple[int, int, int], torch.Tensor] = {}  # shape -> (N, frames * 7 + 2) int64
         # host staging, reused by every launch (pinned on GPU: copies are asynchronous)
         rows = 2 * config.max_batch
-        self._in_host = torch.zeros(rows * (self._steady[0] * FRAME_TOKENS + 2), dtype=torch.int64, pin_memory=gpu)
+        width = (left + 1 + ahead) * FRAME_TOKENS + 2  # the widest window of a live stream
+        self._in_host = torch.zeros(rows * width, dtype=torch.int64, pin_memory=gpu)
         self._out_host = torch.zeros(rows * SAMPLES_PER_FRAME, dtype=torch.float32, pin_memory=gpu)
         self._in_used = self._out_used = 0
         self._inflight: DecodedAudio | None = None
@@ -229,15 +232,16 @@ class SnacCodec:
         """Capture every shape of `graphed_shapes` as CUDA graphs, one per batch bucket (GPU only).
 
         Call once at start, before other threads use the GPU; without it (and on CPU) every
-        window runs eagerly, with the same results. Only the steady shape is torch.compiled
-        (compiling is per shape and slow); the others are graphs of the eager decode.
+        window runs eagerly, with the same results. Windows of one frame with the full left
+        context are torch.compiled (one compile per shape, ~15 s each); the others (first frames,
+        tails) are graphs of the eager decode.
         """
         if self._stream is None or not self.config.cuda_graphs or self._graphs:
             return
         pool = None
         cfg = self.config
         shapes = graphed_shapes(cfg.left_context_frames, cfg.lookahead_frames)
-        todo = [(shape, b) for shape in shapes for b in _buckets(self._graph_batch(shape))[::-1]]  # largest first
+        todo = [(shape, b) for shape in shapes for b in self._graph_buckets(shape)[::-1]]  # largest first
         with torch.inference_mode(), torch.cuda.stream(self._stream):
             for shape, bucket in tqdm(todo, desc="SNAC CUDA graphs", unit="graph"):
                 if shape not in self._graph_inputs:
@@ -255,9 +259,15 @@ class SnacCodec:
         self._stream.synchronize()
         logger.info(f"{self}: captured {len(todo)} CUDA graphs of {len(shapes)} window shapes")
 
-    def _graph_batch(self, shape: tuple[int, int, int]) -> int:
-        """Largest graphed batch of `shape`: every stream has a steady window per frame, few start or end at once."""
-        return self.config.max_batch if shape == self._steady else min(self.config.max_batch, _EDGE_MAX_BATCH)
+    def _graph_buckets(self, shape: tuple[int, int, int]) -> list[int]:
+        """Graphed batches of `shape`: many for full left context, few for first frames and tails.
+
+        Every stream has a window with the full left context per frame; few start or end at once.
+        Compiled shapes start at 2: their code serves every batch but 1 (one window replays 2's graph).
+        """
+        full = shape in self._full_left
+        buckets = _buckets(self.config.max_batch if full else min(self.config.max_batch, _EDGE_MAX_BATCH))
+        return [b for b in buckets if b > 1 or shape not in self._compiled] or buckets
 
     def _run(self, windows: list[Window], shape: tuple[int, int, int]) -> torch.Tensor:
         """Decode equal-shape windows on the current stream: (B, emit * 2048) float32 on the device."""
@@ -300,11 +310,23 @@ class SnacCodec:
         return host.copy_(pcm, non_blocking=True)
 
     def _decode_fn(self, shape: tuple[int, int, int]):
-        """The decode of packed windows of `shape`: the compiled one for the steady shape, else the eager one."""
-        return self._steady_fn if shape == self._steady else functools.partial(self._decode_packed, shape=shape)
+        """The decode of packed windows of `shape`: the compiled one if there is one, else the eager one."""
+        return self._compiled.get(shape) or functools.partial(self._decode_packed, shape=shape)
 
-    def _decode_steady(self, packed: torch.Tensor) -> torch.Tensor:
-        return self._decode_packed(packed, shape=self._steady)
+    def _compile(self, shape: tuple[int, int, int]):
+        """`_decode_packed` of `shape` torch.compiled for any batch size above 1 (no recompile per bucket)."""
+
+        def decode(packed: torch.Tensor) -> torch.Tensor:
+            return self._decode_packed(packed, shape=shape)
+
+        compiled = torch.compile(decode)
+
+        def run(packed: torch.Tensor) -> torch.Tensor:
+            if packed.shape[0] > 1:
+                torch._dynamo.mark_dynamic(packed, 0)  # one compile serves every batch size above 1
+            return compiled(packed)
+
+        return run
 
     def _decode_packed(self, packed: torch.Tensor, *, shape: tuple[int, int, int]) -> torch.Tensor:
         """Packed rows (B, frames * 7 + 2) of one window shape -> the emitted samples (B, emit * 2048) float32."""

@@ -56,13 +56,13 @@ class CodecStream:
 
     Offline (`push(codes)`), frame k waits for `lookahead` later frames. Live, the engine also
     passes the time and how long until a window held back now could be decoded (`wait_s`: one
-    more frame plus a step): frame 0 then goes out at once if frames come faster than they play,
-    and until the stream has caught up (a frame went out with its full lookahead), frame k goes
-    out early, with the lookahead it has, as soon as waiting longer would deliver it after its
-    playback deadline (frame 0's emission plus k frames of audio). Once caught up, a stream that
-    is generated faster than it plays only gets further ahead; if the engine later falls behind
-    real time, frames still wait for the full lookahead: windows with less lookahead are not
-    CUDA-graph-compiled and cost the codec several times more exactly when the GPU is short.
+    more frame plus a step): frame 0 then goes out as soon as the frames here play for longer than
+    that (at once when frames come faster than they play), and until the stream has caught up (a
+    frame went out with its full lookahead), frame k goes out early, with the lookahead it has, as
+    soon as waiting longer would deliver it after its playback deadline (frame 0's emission plus k
+    frames of audio). Once caught up, a stream that is generated faster than it plays only gets
+    further ahead; if the engine later falls behind real time, frames still wait for the full
+    lookahead: sending them early would only spend the buffer sooner, with worse sound.
     """
 
     def __init__(self, key: int, left_context: int, lookahead: int):
@@ -105,8 +105,8 @@ class CodecStream:
             return True
         if now is None or self._caught_up:
             return False
-        if self._next == 0:
-            return wait_s <= FRAME_S  # frames come faster than they play: start at once
+        if self._next == 0:  # start once the frames here play for longer than the next one takes to come
+            return self._pushed * FRAME_S >= wait_s
         return now + wait_s >= self._start_s + self._next * FRAME_S
 
     def finish(self) -> list[Window]:

@@ -51,6 +51,7 @@ class EngineConfig:
     max_tokens_per_slot: int = field(default=2048, metadata=_range(64, 131072))
     max_queue: int = field(default=512, metadata=_range(0, 1_000_000))
     prefill_chunk_tokens: int = field(default=256, metadata=_range(16, 65536))
+    prefill_tokens_while_decoding: int = field(default=128, metadata=_range(16, 65536))
     cuda_graphs: bool = True
     max_chars_per_piece: int = field(default=280, metadata=_range(20, 4000))
     gpu_memory_fraction: float = field(default=0.90, metadata=_range(0.1, 1.0))

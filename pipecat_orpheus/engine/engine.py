@@ -119,6 +119,7 @@ class OrpheusEngine:
             max_queue=config.engine.max_queue,
             max_tokens_per_slot=config.engine.max_tokens_per_slot,
             prefill_chunk_tokens=config.engine.prefill_chunk_tokens,
+            prefill_tokens_while_decoding=config.engine.prefill_tokens_while_decoding,
         )
         self._cond = threading.Condition()
         self._cancels: list[tuple[str, bool]] = []  # (request id, tell the stream) applied at the next step

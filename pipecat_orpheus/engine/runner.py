@@ -38,7 +38,6 @@ from .scheduler import PrefillChunk, ScheduledStep
 _IN_ROWS = 5  # decode input block: slot, index of the input token in `_dev_out`, position, num_generated, noise_step
 _IN_FLIGHT = 2  # steps launched and not yet collected, at most: pinned host buffers alternate between them
 _ACTIVATION_RESERVE = 2 * 2**30  # bytes kept free beyond the KV cache for activations and graphs
-_MIXED_MAX_PREFILL = 128  # prompt tokens a mixed decode + prefill graph holds: a few ~30-token prompts joining at once
 _PREFILL_PAD = 16  # prefill chunks are padded to a multiple of this: few distinct GEMM shapes to warm up
 
 
@@ -360,17 +359,17 @@ class ModelRunner:
 
         Decode: one graph per batch bucket. Prefill: the forward of T prompt tokens (T a multiple
         of 16 up to the chunk budget), for steps with no decode rows. Mixed: a decode bucket plus
-        up to `_MIXED_MAX_PREFILL` prompt tokens in one forward, so a join costs the live streams
-        no second read of the weights. Picking each completed prompt's last row and sampling it
-        stay eager. Graphs turn ~300 kernel launches into one. Prefill and mixed graphs need the
-        Triton kernels (the SDPA fallback crops the cache on the host).
+        up to `engine.prefill_tokens_while_decoding` prompt tokens (padded) in one forward, so a
+        join costs the live streams no second read of the weights. Picking each completed
+        prompt's last row and sampling it stay eager. Graphs turn ~300 kernel launches into one.
+        Prefill and mixed graphs need the Triton kernels (the SDPA fallback crops the cache on the host).
         """
         if not self.use_graphs:
             return
         ladder = graph_ladder(self.max_slots)
         self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))
         lengths = list(range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD)) if self.use_triton else []
-        mixed = [t for t in lengths if t <= _MIXED_MAX_PREFILL]
+        mixed = [t for t in lengths if t < self.config.prefill_tokens_while_decoding + _PREFILL_PAD]
         todo = [(bs, 0) for bs in reversed(ladder)] + [(0, t) for t in reversed(lengths)]
         todo += [(bs, t) for bs in reversed(ladder) for t in reversed(mixed)]
         pool = None

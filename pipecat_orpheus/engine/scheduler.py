@@ -3,8 +3,9 @@
 A request joins a free slot at once or waits in a FIFO queue of at most `max_queue`; past that,
 `admit` raises `EngineBusy`. Each step decodes every request in DECODE and prefills at most
 `prefill_chunk_tokens` prompt tokens of those in PREFILL (one chunk per request, oldest first),
-so joining requests never stall the live ones. A finished or cancelled request leaves its slot
-at once and the oldest waiting request takes it.
+and at most `prefill_tokens_while_decoding` of them when the step also decodes: those share
+the live rows' forward (one read of the weights), so joining requests barely slow live ones.
+A finished or cancelled request leaves its slot at once and the oldest waiting request takes it.
 
 Scheduling runs one step ahead of the results: `schedule()` may be called again before the
 last step's `postprocess()`, as the engine does to keep the GPU busy while the host handles
@@ -75,13 +76,25 @@ class Scheduler:
         max_queue: requests that may wait for a slot; beyond it `admit` raises `EngineBusy`.
         max_tokens_per_slot: KV-cache positions per slot (prompt + audio tokens).
         prefill_chunk_tokens: prompt tokens prefilled per step over all joining requests.
+        prefill_tokens_while_decoding: the same, in a step that also decodes (None: no lower cap).
     """
 
-    def __init__(self, *, max_slots: int, max_queue: int, max_tokens_per_slot: int, prefill_chunk_tokens: int):
+    def __init__(
+        self,
+        *,
+        max_slots: int,
+        max_queue: int,
+        max_tokens_per_slot: int,
+        prefill_chunk_tokens: int,
+        prefill_tokens_while_decoding: int | None = None,
+    ):
         self.max_slots = max_slots
         self.max_queue = max_queue
         self.max_tokens_per_slot = max_tokens_per_slot
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_tokens_while_decoding = min(
+            prefill_tokens_while_decoding or prefill_chunk_tokens, prefill_chunk_tokens
+        )
         self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps batches compact
         self._slots: list[Request | None] = [None] * max_slots
         self._waiting: deque[Request] = deque()
@@ -152,7 +165,7 @@ class Scheduler:
                 step.generated.append(r.num_scheduled)
                 step.epochs.append(r.epoch)
                 r.num_scheduled += 1
-        budget = self.prefill_chunk_tokens
+        budget = self.prefill_tokens_while_decoding if step.decode else self.prefill_chunk_tokens
         for request in self._prefilling:
             if budget == 0:
                 break

@@ -61,6 +61,23 @@ def test_chunked_prefill_respects_budget_and_order():
     assert a.output_ids == [[AUDIO]] and a.num_generated == 1
 
 
+def test_prefill_budget_is_smaller_while_live_rows_decode():
+    """A step that decodes prefills at most prefill_tokens_while_decoding, one without decode rows the whole chunk."""
+    s = make_scheduler(max_slots=3, prefill_chunk_tokens=16, prefill_tokens_while_decoding=4)
+    a, b, c = make_request(0, prompt_len=16), make_request(1, prompt_len=10), make_request(2, prompt_len=3)
+    s.admit(a)
+    step, _ = run_step(s)
+    assert [(c.start, c.end) for c in step.prefill] == [(0, 16)] and not step.decode
+    s.admit(b)
+    s.admit(c)
+    chunks = []
+    while b.status is not RequestStatus.DECODE or c.status is not RequestStatus.DECODE:
+        step, _ = run_step(s)
+        assert step.decode and sum(x.end - x.start for x in step.prefill) <= 4
+        chunks += [(x.request, x.start, x.end) for x in step.prefill]
+    assert chunks == [(b, 0, 4), (b, 4, 8), (b, 8, 10), (c, 0, 2), (c, 2, 3)]
+
+
 def test_decode_until_max_tokens_emits_frames_and_frees_slot():
     """A request emits one frame per 7 tokens, finishes at max_tokens, and a waiting one takes its slot."""
     s = make_scheduler(max_slots=1, prefill_chunk_tokens=64)
