@@ -11,7 +11,7 @@ timed in their own graph. Every output is checked against an fp32 reference; a w
 config is marked and never "best". Without CUDA it only runs the correctness part on tiny shapes on
 CPU (the Triton kernel too when TRITON_INTERPRET=1 and Triton is installed) and exits 0.
 
-    python bench/bench_gemv.py                    # H100, ~90 s -> bench/results/gemv_h100.json
+    python bench/bench_gemv.py                    # H100, ~60-90 s -> bench/results/gemv_h100.json
     python bench/bench_gemv.py --check            # correctness only (on CPU: tiny shapes)
 """
 
@@ -275,11 +275,11 @@ def check(device: str, shapes: dict, batches: list[int], triton_ok: bool) -> boo
             for cfg in cfgs:
                 # Triton's interpreter gets tl.dot on bf16 wrong (the bits are multiplied as ints): use fp16 there
                 dt = torch.float16 if cfg.dot and device == "cpu" else torch.bfloat16
-                xd, wd = x.to(dt), w.to(dt).neg()  # (B, K), (N, K)
+                xd, w_neg = x.to(dt), w.to(dt).neg()  # (B, K), (N, K)
                 plan = gt.GemvPlan(b, n, k, cfg, torch.device(device))
                 out = torch.empty(b, n, dtype=dt, device=device)  # (B, N)
-                plan(xd, wd.neg(), out)
-                plan(xd, wd, out)  # the atomic path must have zeroed its buffer again after the first call
+                plan(xd, w_neg.neg(), out)
+                plan(xd, w_neg, out)  # the atomic path must have zeroed its buffer again after the first call
                 errs[label(cfg)] = rel_err(out, -ref)
             bad = [name for name, e in errs.items() if e > TOL]
             ok &= not bad
@@ -301,16 +301,16 @@ def run_batch(bench: Bench, args, sms: int) -> tuple[dict, dict, dict]:
         t0 = time.perf_counter()
         best, records = sweep(bench, args.sweep_seconds, args.sweep_reps, sms)
         sweep_rec = {"seconds": time.perf_counter() - t0, "records": records}
-        print(f"B={bench.b}: Triton sweep timed {len(records)} (config, shape) pairs in {sweep_rec['seconds']:.1f} s")
+        tried = {tuple(r["config"][key] for key in ("block_n", "block_k", "num_warps", "dot")) for r in records}
+        print(f"B={bench.b}: Triton sweep: {len(tried)} of {len(tiles(bench.b))} tiles, {len(records)} (config, shape)"
+              f" timings in {sweep_rec['seconds']:.1f} s")  # fmt: skip
         if len(best) == len(bench.shapes):
             cfgs = {s: gt.GemvConfig(**r["config"]) for s, r in best.items()}
             plans = {s: gt.GemvPlan(bench.b, *bench.shapes[s], c, torch.device(bench.device)) for s, c in cfgs.items()}
             calls["triton"] = tvariant(bench, plans)
             per["triton"] = bench.measure(calls["triton"])
-    good = [name for name, r in per.items() if r["ok"]]
-    choice = {
-        s: min(good, key=lambda name: per[name]["shape_ms"][s]) for s in bench.shapes
-    }  # fastest correct per shape
+    good = [name for name, r in per.items() if r["ok"]]  # per shape, "mixed" runs the fastest correct variant
+    choice = {s: min(good, key=lambda name: per[name]["shape_ms"][s]) for s in bench.shapes}
     per["mixed"] = bench.measure(lambda s, i: calls[choice[s]](s, i)) | {"choice": choice}
     for name, r in per.items():
         r["vs_linear"] = per["linear"]["step_ms"] / r["step_ms"]
@@ -350,6 +350,8 @@ def main() -> int:
     if args.check:
         return 0 if check("cuda", SHAPES, args.batches, gt is not None) else 1
 
+    if gt is None:
+        print("Triton is not importable here: torch variants only")
     bench = Bench(SHAPES, LAYERS, "cuda", args.reps)
     bw = copy_tbps()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -99,11 +99,13 @@ def _gemv_kernel(
         ks = k0 + rk  # (BLOCK_K,)
         w_ptrs = W + cols[:, None] * K + ks[None, :]  # (BLOCK_N, BLOCK_K)
         x_ptrs = X + rows[:, None] * stride_x + ks[None, :]  # (BP, BLOCK_K)
-        if EVEN:
-            w = tl.load(w_ptrs)
+        if EVEN:  # W is read once per step: evict it first, keep x (read by every program) in L2
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=rows[:, None] < B, other=0.0)
         else:
-            w = tl.load(w_ptrs, mask=(cols[:, None] < N) & (ks[None, :] < k_hi), other=0.0)
+            w = tl.load(
+                w_ptrs, mask=(cols[:, None] < N) & (ks[None, :] < k_hi), other=0.0, eviction_policy="evict_first"
+            )
             x = tl.load(x_ptrs, mask=(rows[:, None] < B) & (ks[None, :] < k_hi), other=0.0)
         if DOT:
             acc = tl.dot(x, tl.trans(w), acc)  # (BP, BLOCK_N), fp32 accumulation
