@@ -21,9 +21,12 @@ step time. The thread never waits on a consumer, so a slow reader never stalls t
 First audio and quality: a frame is decoded best once `codec.lookahead_frames` (L) later frames
 exist, which would cost 7 engine steps per frame of lookahead before the first audio. Instead
 each frame is timed against its playback deadline (`CodecStream`): the first frame goes out as
-soon as it exists (when frames come faster than they play), and the next ones wait for more
-lookahead only while they can still be decoded before the audio before them has finished
-playing, until the stream has caught up; from then on every frame gets the full lookahead.
+soon as the frames generated play for longer than the next one takes to come (at once unless
+steps are slow), and the next ones wait for more lookahead only while they can still be decoded
+before the audio before them has finished playing, until the stream has caught up; from then on
+every frame gets the full lookahead. While live rows decode, a step prefills at most
+`engine.prefill_tokens_while_decoding` prompt tokens (in the same forward), so a burst of joins
+slows the streams already playing by little.
 """
 
 from __future__ import annotations

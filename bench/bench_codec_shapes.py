@@ -1,0 +1,105 @@
+"""What each SNAC window shape costs under CUDA graphs, by how much of the decode is compiled.
+
+A live stream decodes its first frames, frames sent early for their deadline and its tail in
+other window shapes than the steady one; when many streams start at once these edge shapes fill
+the engine's steps. For every shape of `codec_stream.graphed_shapes` and a few batch sizes this
+times one graph replay (CUDA events) of a real-size random SNAC 24 kHz in float16, for:
+  graphs      no compile (the eager decode captured as graphs);
+  pointwise   Snake and the hashed noise compiled with dynamic shapes (one compile each, every shape);
+  default     pointwise + windows with the full left context compiled whole (what `codec.compile` does).
+
+  python bench/bench_codec_shapes.py --out $OUT/codec_shapes_h100.json      # GPU
+  python bench/bench_codec_shapes.py --tiny --device cpu --out /tmp/shapes.json   # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from snac import SNAC
+
+from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.codec_stream import graphed_shapes
+from pipecat_orpheus.config import CodecConfig
+from pipecat_orpheus.testing import tiny_snac_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_codec import REAL_SNAC  # noqa: E402
+
+
+def variant(model, name: str, device, max_batch: int) -> SnacCodec:
+    """A codec as `name` says, its graphs captured (GPU; the compiles run then, timed by the caller)."""
+    codec = SnacCodec(model, CodecConfig(dtype="float16", compile=name != "graphs", max_batch=max_batch), device)
+    if name == "pointwise":
+        codec._compiled = {}  # Snake and noise only (on CPU nothing is compiled: every variant runs eagerly)
+    codec.capture_graphs()
+    return codec
+
+
+def time_shape(codec: SnacCodec, shape, batch: int, reps: int) -> float:
+    """Milliseconds of one decode of `batch` windows of `shape` (a graph replay on GPU)."""
+    packed = torch.zeros(batch, shape[0] * 7 + 2, dtype=torch.int64, device=codec.device)  # (B, frames * 7 + 2)
+    graphs = codec._graphs.get(shape)
+    if graphs:
+        bucket = min(b for b in graphs if b >= batch)
+        run = graphs[bucket][0].replay
+    else:
+        fn = codec._decode_fn(shape)
+        run = lambda: fn(packed)  # noqa: E731
+    run()
+    if codec.device.type != "cuda":
+        t = time.perf_counter()
+        for _ in range(reps):
+            run()
+        return (time.perf_counter() - t) / reps * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(codec._stream):
+        start.record()
+        for _ in range(reps):
+            run()
+        end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="the tiny test SNAC (CPU check of this script)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16, 64, 256])
+    ap.add_argument("--variants", nargs="+", default=["graphs", "pointwise", "default"])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default="bench/results/codec_shapes_h100.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    model = SNAC(**(tiny_snac_config() if args.tiny else REAL_SNAC)).eval()
+    shapes = graphed_shapes(2, 2)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    for name in args.variants:
+        t = time.perf_counter()
+        codec = variant(model, name, device, max(args.batches))
+        result[name] = {"start_s": time.perf_counter() - t, "ms": {}}
+        for shape in shapes:
+            cap = max(codec._graphs[shape]) if shape in codec._graphs else max(args.batches)
+            key = "x".join(map(str, shape))
+            result[name]["ms"][key] = {b: time_shape(codec, shape, b, args.reps) for b in args.batches if b <= cap}
+        print(f"{name}: start {result[name]['start_s']:.1f} s", flush=True)
+    print(f"{'shape':>8} {'batch':>5} " + " ".join(f"{n:>10}" for n in args.variants))
+    for shape in shapes:
+        key = "x".join(map(str, shape))
+        for b in args.batches:
+            row = [result[n]["ms"][key].get(b) for n in args.variants]
+            if any(v is not None for v in row):
+                print(f"{key:>8} {b:>5} " + " ".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in row))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
