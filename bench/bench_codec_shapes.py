@@ -5,8 +5,9 @@ other window shapes than the steady one; when many streams start at once these e
 the engine's steps. For every shape of `codec_stream.graphed_shapes` and a few batch sizes this
 times one graph replay (CUDA events) of a real-size random SNAC 24 kHz in float16, for:
   graphs      no compile (the eager decode captured as graphs);
-  pointwise   Snake and the hashed noise compiled with dynamic shapes (one compile each, every shape);
-  default     pointwise + windows with the full left context compiled whole (what `codec.compile` does).
+  default     windows with the full left context compiled whole (what `codec.compile` does).
+`codec_shapes_h100.json` also holds a third variant of an earlier run, "pointwise": Snake and the
+hashed noise compiled with dynamic shapes for every shape (see bench/README.md).
 
   python bench/bench_codec_shapes.py --out $OUT/codec_shapes_h100.json      # GPU
   python bench/bench_codec_shapes.py --tiny --device cpu --out /tmp/shapes.json   # CPU check of the script
@@ -35,9 +36,7 @@ from bench_codec import REAL_SNAC  # noqa: E402
 def variant(model, name: str, device, max_batch: int) -> SnacCodec:
     """A codec as `name` says, its graphs captured (GPU; the compiles run then, timed by the caller)."""
     codec = SnacCodec(model, CodecConfig(dtype="float16", compile=name != "graphs", max_batch=max_batch), device)
-    if name == "pointwise":
-        codec._compiled = {}  # Snake and noise only (on CPU nothing is compiled: every variant runs eagerly)
-    codec.capture_graphs()
+    codec.capture_graphs()  # on CPU nothing is compiled or graphed: every variant runs eagerly
     return codec
 
 
@@ -72,7 +71,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="the tiny test SNAC (CPU check of this script)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16, 64, 256])
-    ap.add_argument("--variants", nargs="+", default=["graphs", "pointwise", "default"])
+    ap.add_argument("--variants", nargs="+", default=["graphs", "default"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default="bench/results/codec_shapes_h100.json")
     args = ap.parse_args()

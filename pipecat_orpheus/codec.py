@@ -131,18 +131,14 @@ class SnacCodec:
         # column indices on the device: a Python list index would be a host-to-device copy per call
         self._l1_cols = torch.tensor(_L1_COLS, device=self.device)  # (2,)
         self._l2_cols = torch.tensor(_L2_COLS, device=self.device)  # (4,)
-        # With `compile` (GPU only): the elementwise chains (Snake, the hashed noise) are fused for
-        # every shape by one dynamic-shape compile each, and the windows of one frame with the full
-        # left context (the steady state, or a frame sent early for its deadline: nearly all of
-        # them) are compiled whole, one compile per shape. On GPU every shape of `graphed_shapes`
-        # runs as CUDA graphs (one launch, no Python per kernel); other shapes (streams of one or
-        # two frames) run eagerly.
+        # Nearly every window is one frame with the full left context and some lookahead (the steady
+        # state, or a frame sent early for its deadline): with `compile` (GPU only) those shapes are
+        # torch.compiled, one compile each. On GPU every shape of `graphed_shapes` runs as CUDA
+        # graphs (one launch, no Python per kernel); other shapes (streams of one or two frames)
+        # run eagerly.
         left, ahead = config.left_context_frames, config.lookahead_frames
-        fuse = config.compile and gpu
-        self._snake = torch.compile(_snake, dynamic=True) if fuse else _snake
-        self._hashed_normal = torch.compile(hashed_normal, dynamic=True) if fuse else hashed_normal
         self._full_left = {(left + 1 + a, left, 1) for a in range(ahead + 1)}
-        self._compiled = {s: self._compile(s) for s in self._full_left} if fuse else {}
+        self._compiled = {s: self._compile(s) for s in self._full_left} if config.compile and gpu else {}
         self._graphs: dict[tuple[int, int, int], dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
         self._graph_inputs: dict[tuple[int, int, int], torch.Tensor] = {}  # shape -> (N, frames * 7 + 2) int64
         # host staging, reused by every launch (pinned on GPU: copies are asynchronous)
@@ -356,7 +352,7 @@ class SnacCodec:
         scale, rel = self.latents_per_frame, 0  # units per frame; window-relative offset of x[..., 0]
         for i, layer in enumerate(self._layers):
             if i not in self._blocks:
-                x = self._snake(x, layer.alpha) if isinstance(layer, Snake1d) else layer(x)
+                x = _snake(x, layer.alpha) if isinstance(layer, Snake1d) else layer(x)
                 continue
             x, scale, rel = self._block(i, layer, x, keys, starts, scale, rel)
             # keep the emitted frames plus what the later layers need of them
@@ -381,14 +377,14 @@ class SnacCodec:
     def _block(self, i: int, layer: nn.Module, x, keys, starts, scale: int, rel: int):
         """One SNAC DecoderBlock: Snake, ConvTranspose, seeded noise, residual units."""
         snake, up, *rest = layer.block
-        x = up(self._snake(x, snake.alpha))  # (B, C_out, T * stride)
+        x = up(_snake(x, snake.alpha))  # (B, C_out, T * stride)
         scale, rel = scale * up.stride[0], rel * up.stride[0]
         for m in rest:
             if isinstance(m, NoiseBlock):
                 positions = starts * scale + rel + torch.arange(x.shape[-1], device=x.device)  # (B, T) absolute
-                noise = self._hashed_normal(keys ^ hash32(i), positions).to(x.dtype)  # (B, T)
+                noise = hashed_normal(keys ^ hash32(i), positions).to(x.dtype)  # (B, T)
                 x = x + noise[:, None, :] * m.linear(x)  # (B, C, T)
             else:  # ResidualUnit
                 s1, conv1, s2, conv2 = m.block
-                x = x + conv2(self._snake(conv1(self._snake(x, s1.alpha)), s2.alpha))  # (B, C, T)
+                x = x + conv2(_snake(conv1(_snake(x, s1.alpha)), s2.alpha))  # (B, C, T)
         return x, scale, rel
