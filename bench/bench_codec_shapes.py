@@ -3,7 +3,8 @@
 A live stream decodes its first frames, frames sent early for their deadline and its tail in
 other window shapes than the steady one; when many streams start at once these edge shapes fill
 the engine's steps. For every shape of `codec_stream.graphed_shapes` and a few batch sizes this
-times one graph replay (CUDA events) of a real-size random SNAC 24 kHz in float16, for:
+times one graph replay (CUDA events) of a real-size random SNAC 24 kHz in float16, and checks
+the same path against a float32 eager decode of random windows (SNR), for:
   graphs      no compile (the eager decode captured as graphs);
   default     windows with the full left context compiled whole (what `codec.compile` does).
 `codec_shapes_h100.json` also holds a third variant of an earlier run, "pointwise": Snake and the
@@ -21,16 +22,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from snac import SNAC
 
 from pipecat_orpheus.codec import SnacCodec
-from pipecat_orpheus.codec_stream import graphed_shapes
+from pipecat_orpheus.codec_stream import Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
+from pipecat_orpheus.format import CODEBOOK_SIZE
 from pipecat_orpheus.testing import tiny_snac_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec import REAL_SNAC  # noqa: E402
+from bench_codec import REAL_SNAC, snr_db  # noqa: E402
 
 
 def variant(model, name: str, device, max_batch: int) -> SnacCodec:
@@ -66,6 +69,17 @@ def time_shape(codec: SnacCodec, shape, batch: int, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
+def fidelity_db(codec: SnacCodec, reference: SnacCodec, shape, rng, batch: int = 5) -> float:
+    """Worst SNR (dB) over `batch` random windows of `shape` decoded by `codec` (graphs if captured) vs `reference`."""
+    frames, left, emit = shape
+    windows = [
+        Window(codec.open_stream(i), rng.integers(0, CODEBOOK_SIZE, (frames, 7)), int(rng.integers(0, 50)), left, emit)
+        for i in range(batch)
+    ]
+    got, want = codec.decode(windows), reference.decode(windows)
+    return min(snr_db(a, b) for a, b in zip(got, want, strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,16 +92,21 @@ def main() -> None:
     device = torch.device(args.device)
     model = SNAC(**(tiny_snac_config() if args.tiny else REAL_SNAC)).eval()
     shapes = graphed_shapes(2, 2)
+    rng = np.random.default_rng(0)
+    reference = SnacCodec(model, CodecConfig(dtype="float32", compile=False, cuda_graphs=False), device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     for name in args.variants:
         t = time.perf_counter()
         codec = variant(model, name, device, max(args.batches))
-        result[name] = {"start_s": time.perf_counter() - t, "ms": {}}
+        result[name] = {"start_s": time.perf_counter() - t, "ms": {}, "snr_db_vs_fp32_eager": {}}
         for shape in shapes:
+            result[name]["snr_db_vs_fp32_eager"]["x".join(map(str, shape))] = fidelity_db(codec, reference, shape, rng)
             cap = max(codec._graphs[shape]) if shape in codec._graphs else max(args.batches)
             key = "x".join(map(str, shape))
             result[name]["ms"][key] = {b: time_shape(codec, shape, b, args.reps) for b in args.batches if b <= cap}
-        print(f"{name}: start {result[name]['start_s']:.1f} s", flush=True)
+        snr = result[name]["snr_db_vs_fp32_eager"]
+        worst = min(snr.values())
+        print(f"{name}: start {result[name]['start_s']:.1f} s, worst SNR vs fp32 eager {worst:.1f} dB: {snr}")
     print(f"{'shape':>8} {'batch':>5} " + " ".join(f"{n:>10}" for n in args.variants))
     for shape in shapes:
         key = "x".join(map(str, shape))

@@ -234,7 +234,7 @@ class SnacCodec:
 
         Call once at start, before other threads use the GPU; without it (and on CPU) every
         window runs eagerly, with the same results. Windows of one frame with the full left
-        context are torch.compiled (one compile per shape, ~15 s each); the others (first frames,
+        context are torch.compiled (one compile per shape, ~12 s each on an H100); the others (first frames,
         tails) are graphs of the eager decode.
         """
         if self._stream is None or not self.config.cuda_graphs or self._graphs:
