@@ -56,8 +56,9 @@ REAL_SNAC = dict(
     attn_window_size=None, codebook_size=4096, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
 )  # fmt: skip
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bandwidth import copy_bandwidth, sync  # noqa: E402
 from bench_engine_report import level_stats, plot, summarize, summary_table  # noqa: E402
-from bench_engine_steps import copy_bandwidth, kernel_profile, kv_bytes_per_token, step_timing, sync, weight_bytes  # noqa: E402
+from bench_engine_steps import kernel_profile, kv_bytes_per_token, step_timing, weight_bytes  # noqa: E402
 from bench_engine_trace import LevelTrace, diagnose  # noqa: E402
 
 

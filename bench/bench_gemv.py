@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_bandwidth import copy_bandwidth
 
 try:
     import gemv_triton as gt
@@ -99,14 +100,6 @@ def replay_ms(graph, reps: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def copy_tbps() -> float:
-    """Device-to-device copy bandwidth, bytes read + written, as bench_engine_steps measures it."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    graph, _ = capture(lambda: [y.copy_(x) for _ in range(5)])
-    return 2 * 5 * x.numel() / (replay_ms(graph, 10) / 1e3) / 1e12
 
 
 class Bench:
@@ -353,7 +346,7 @@ def main() -> int:
     if gt is None:
         print("Triton is not importable here: torch variants only")
     bench = Bench(SHAPES, LAYERS, "cuda", args.reps)
-    bw = copy_tbps()
+    bw = copy_bandwidth(torch.device("cuda")) / 1e12  # TB/s
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     floor_ms = bench.step_bytes / bw / 1e9
     print(f"{torch.cuda.get_device_name()}, {sms} SMs: copy {bw:.2f} TB/s, step {bench.step_bytes / 1e9:.2f} GB")
