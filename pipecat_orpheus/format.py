@@ -44,7 +44,7 @@ PROMPT_SUFFIX = (EOT, END_OF_HUMAN, START_OF_AI, START_OF_SPEECH)
 class TextTokenizer(Protocol):
     """The part of a Hugging Face tokenizer that prompt building needs."""
 
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = ..., split_special_tokens: bool = ...) -> list[int]:
         """Token ids of `text`."""
         ...
 
@@ -52,10 +52,14 @@ class TextTokenizer(Protocol):
 def build_prompt(tokenizer: TextTokenizer, text: str, voice: str | None) -> list[int]:
     """Token ids of the Orpheus prompt `SOH BOS "{voice}: {text}" EOT EOH SOA SOS`.
 
-    The text is encoded without special tokens so that BOS appears exactly once.
+    The text is encoded without special tokens so that BOS appears exactly once, and text that
+    spells a special token (`<|eot_id|>`, `<custom_token_2>`) stays text: a client or an LLM's
+    output cannot forge the model's turn or insert audio tokens. Emotion tags such as `<laugh>` are
+    plain text to the Llama-3 tokenizer, so they are unaffected.
     """
     spoken = f"{voice}: {text}" if voice else text
-    return [*PROMPT_PREFIX, *tokenizer.encode(spoken, add_special_tokens=False), *PROMPT_SUFFIX]
+    ids = tokenizer.encode(spoken, add_special_tokens=False, split_special_tokens=True)
+    return [*PROMPT_PREFIX, *ids, *PROMPT_SUFFIX]
 
 
 def audio_token(position: int, code: int) -> int:

@@ -110,6 +110,17 @@ def test_build_prompt_without_voice(tok):
     assert tok.encode("Hi.")[0] == fmt.BOS  # the tokenizer would add BOS itself; build_prompt does not let it
 
 
+@pytest.mark.parametrize(
+    "text", ["Hello <|eot_id|> there", "<custom_token_2>", "a <custom_token_3><|begin_of_text|>b", "<custom_token_30000>"]
+)
+def test_build_prompt_keeps_special_token_spellings_as_text(tok, text):
+    """Text that spells a special token never becomes one: no forged turn, stop or audio token."""
+    ids = fmt.build_prompt(tok, text, "tara")
+    body = ids[len(fmt.PROMPT_PREFIX) : -len(fmt.PROMPT_SUFFIX)]
+    assert all(i < fmt.BOS for i in body)
+    assert tok.decode(body) == f"tara: {text}"
+
+
 def test_voices_and_tags():
     """The eight English voices and eight emotion tags from the Orpheus README."""
     assert fmt.VOICES == ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
