@@ -27,7 +27,7 @@ import torch
 from snac import SNAC
 
 from pipecat_orpheus.codec import SnacCodec
-from pipecat_orpheus.codec_stream import Window, graphed_shapes
+from pipecat_orpheus.codec.stream import Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE
 from pipecat_orpheus.testing import tiny_snac_config

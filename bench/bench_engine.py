@@ -35,7 +35,7 @@ import torch
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
-from pipecat_orpheus.codec_stream import FRAME_S
+from pipecat_orpheus.codec.stream import FRAME_S
 from pipecat_orpheus.config import EngineConfig, load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
 from pipecat_orpheus.engine.attention import triton_available

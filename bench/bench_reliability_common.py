@@ -18,8 +18,8 @@ from pathlib import Path
 import msgpack
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
-from pipecat_orpheus.server import OrpheusServer
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.server import OrpheusServer
 
 KEY = "bench-Key-7f3a9c"  # the server's one API key; must never reach a log
 AUTH = {"kyutai-api-key": KEY}

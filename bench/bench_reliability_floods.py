@@ -13,7 +13,7 @@ import time
 from bench_reliability_common import AUTH, KEY, LONG_TEXT, Bench, guarded, pack
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 
 
 async def connection_flood(bench: Bench, n: int) -> dict:

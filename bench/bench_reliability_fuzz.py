@@ -15,7 +15,7 @@ from bench_reliability_common import ALLOWED_CLOSES, AUTH, Bench, pack
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 
 
 def random_value(rng: random.Random, depth: int = 0):

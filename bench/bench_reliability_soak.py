@@ -14,7 +14,7 @@ import time
 from bench_reliability_common import AUTH, LONG_TEXT, Bench, heap_mib, pack, rss_mib
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 
 
 async def churner(bench: Bench, rng: random.Random, deadline: float, counts: dict) -> None:

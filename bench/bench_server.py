@@ -116,7 +116,7 @@ async def cpu_bench(args) -> dict:
         "limits.max_connections": args.connections + 16,
     }
     code = (
-        "from pipecat_orpheus.config import load_config; from pipecat_orpheus.server import run; "
+        "from pipecat_orpheus.config import load_config; from pipecat_orpheus.wire.server import run; "
         f"run(load_config(overrides={overrides!r}))"
     )
     log = open(tmp / "server.log", "w")
@@ -286,8 +286,8 @@ def random_weight_engine(config, device: str):
 
 async def gpu_bench(args) -> dict:
     from pipecat_orpheus.engine.request import SamplingParams
-    from pipecat_orpheus.server import serve
-    from pipecat_orpheus.synthesizer import load_synthesizer
+    from pipecat_orpheus.wire.server import serve
+    from pipecat_orpheus.speech import load_synthesizer
 
     overrides = {
         "model.device": args.device,

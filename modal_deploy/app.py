@@ -1,6 +1,6 @@
 # # Orpheus TTS on Modal: the pipecat-orpheus WebSocket server on an H100
 #
-# This file deploys the very server that `pipecat-orpheus serve` runs (pipecat_orpheus.server,
+# This file deploys the very server that `pipecat-orpheus serve` runs (pipecat_orpheus.wire.server,
 # imported, not copied) behind a Modal web endpoint, so a Pipecat bot anywhere can point
 # `OrpheusTTSService(url=..., api_key=...)` at it. One container holds one GPU and one batched
 # engine; every WebSocket connection to that container shares the engine, and Modal adds
@@ -28,7 +28,7 @@ import modal
 from pipecat_orpheus.config import Config, ModelConfig, load_config
 
 if TYPE_CHECKING:
-    from pipecat_orpheus.synthesizer import Synthesizer
+    from pipecat_orpheus.speech import Synthesizer
 
 # ## Configuration: orpheus_config.yaml, read once, on both sides
 #
@@ -169,7 +169,7 @@ class RunningServer:
             self._loop.close()
 
     async def _serve(self) -> None:
-        from pipecat_orpheus import server
+        from pipecat_orpheus.wire import server
 
         self._stopped = asyncio.Event()
         await self._synthesizer.submit(WARMUP_TEXT).read_all()
@@ -215,7 +215,7 @@ def wait_healthy(url: str, timeout_s: float) -> None:
 
 def start_server(config: Config, synthesizer: Synthesizer | None = None) -> RunningServer:
     """Load the engine (unless `synthesizer` is given), warm it up and serve `config.server`; blocking."""
-    from pipecat_orpheus.synthesizer import load_synthesizer
+    from pipecat_orpheus.speech import load_synthesizer
 
     synth = synthesizer if synthesizer is not None else load_synthesizer(config)
     return RunningServer(config, synth).start(timeout_s=config.modal.startup_timeout_s)

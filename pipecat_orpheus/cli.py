@@ -99,7 +99,7 @@ def _speak(args: argparse.Namespace) -> None:
     from pipecat_orpheus.config import load_config
     from pipecat_orpheus.engine.request import SamplingParams
     from pipecat_orpheus.format import SAMPLE_RATE
-    from pipecat_orpheus.synthesizer import load_synthesizer
+    from pipecat_orpheus.speech import load_synthesizer
 
     text = _read_text(args.text)
     overrides = {**_model_overrides(args), "engine.backend": args.backend, "sampling.seed": args.seed}
@@ -131,7 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
         "server.api_key_env": args.api_key_env,
     }
     config = load_config(args.config, overrides=overrides)
-    from pipecat_orpheus import server
+    from pipecat_orpheus.wire import server
 
     server.run(config)
 

@@ -8,6 +8,7 @@ start with a `ConfigError` that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipecat_orpheus.errors import ConfigError
+from pipecat_orpheus.errors import ConfigError, InvalidRequest
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "orpheus_config.yaml"
 ENV_PREFIX = "ORPHEUS_"
@@ -90,6 +91,13 @@ class VoiceConfig:
 
     default: str = "tara"
     available: tuple[str, ...] = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
+
+    def check(self, voice: str | None) -> str:
+        """`voice`, or the default for None; `InvalidRequest` listing the voices for one not offered."""
+        voice = voice or self.default
+        if voice not in self.available:
+            raise InvalidRequest("voice", f"{voice!r} is not one of {', '.join(self.available)}")
+        return voice
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,13 +220,24 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(section, "must be a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"{section}.{key}", f"unknown key; known: {', '.join(fields)}")
         kwargs[key] = _check(f"{section}.{key}", value, hints[key], fields[key].metadata)
     return cls(**kwargs)
+
+
+def check_field(cls: type, name: str, value: Any) -> Any:
+    """`value` coerced to field `name` of section `cls` and checked against its range or choices."""
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    return _check(name, value, _hints(cls)[name], meta)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:

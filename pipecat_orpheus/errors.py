@@ -10,7 +10,18 @@ class ConfigError(OrpheusError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"config key '{key}': {message}")
-        self.key = key
+        self.key, self.reason = key, message
+
+
+class InvalidRequest(OrpheusError):
+    """One request asks for something this server cannot do (an unknown voice, a sampling value out of range,
+    a prompt too long for a slot); the message names the field and what is allowed."""
+
+    code = "bad_request"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class ModelLoadError(OrpheusError):
@@ -21,6 +32,10 @@ class EngineBusy(OrpheusError):
     """Every slot is taken and the wait queue is full: try again later or add capacity."""
 
     code = "busy"
+
+
+class EngineClosed(OrpheusError):
+    """The engine was closed (shutdown): it takes no more requests."""
 
 
 class RequestCancelled(OrpheusError):

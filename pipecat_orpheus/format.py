@@ -1,6 +1,9 @@
 """Every Orpheus fact in one place: special token ids, the prompt, the 7-token audio frame.
 
-Pure Python and numpy, no torch. See research/orpheus.md section 1 for the sources.
+Pure Python and numpy, no torch. Sources: Canopy Labs' Orpheus-TTS repository (the data-prep
+scripts define `<custom_token_N>` = id 128256 + N and the training sequence
+`SOH BOS text EOT EOH SOA SOS audio EOS EOA`; `decoder.py` gives the frame layout) and the
+model's `config.json` (Llama-3.2 3B: vocabulary 156,940).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ END_OF_SPEECH = 128258  # <custom_token_2>: the only stop token that matters
 START_OF_HUMAN = 128259  # <custom_token_3>
 END_OF_HUMAN = 128260  # <custom_token_4>
 START_OF_AI = 128261  # <custom_token_5>
-END_OF_AI = 128262  # <custom_token_6>
 PAD = 128263  # <custom_token_7>
 AUDIO_TOKEN_OFFSET = 128266  # <custom_token_10>: code 0 of frame position 0
 VOCAB_SIZE = 156940  # 128256 Llama-3 ids + 28684 custom tokens (7 * 4096 audio + 12 specials)
@@ -33,8 +35,10 @@ TOKENS_PER_SECOND = FRAME_TOKENS * SAMPLE_RATE / SAMPLES_PER_FRAME  # 82.03: rea
 
 # Frame position k -> (codebook level, index within the frame's codes of that level).
 FRAME_LAYOUT = ((0, 0), (1, 0), (2, 0), (2, 1), (1, 1), (2, 2), (2, 3))
+L1_POSITIONS = tuple(k for k, (level, _) in enumerate(FRAME_LAYOUT) if level == 1)  # (1, 4)
+L2_POSITIONS = tuple(k for k, (level, _) in enumerate(FRAME_LAYOUT) if level == 2)  # (2, 3, 5, 6)
+FRAME_OFFSETS = AUDIO_TOKEN_OFFSET + CODEBOOK_SIZE * np.arange(FRAME_TOKENS)  # (7,) token id - code at position k
 
-VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
 EMOTION_TAGS = ("<laugh>", "<chuckle>", "<sigh>", "<cough>", "<sniffle>", "<groan>", "<yawn>", "<gasp>")
 
 PROMPT_PREFIX = (START_OF_HUMAN, BOS)
@@ -72,27 +76,27 @@ def is_audio_token(token: int) -> bool:
     return AUDIO_TOKEN_OFFSET <= token < AUDIO_TOKEN_END
 
 
-def token_code(token: int, position: int) -> int:
-    """The SNAC code carried by `token` at frame position `position`; ValueError if it does not fit."""
-    code = token - AUDIO_TOKEN_OFFSET - CODEBOOK_SIZE * position
-    if not 0 <= code < CODEBOOK_SIZE:
-        raise ValueError(f"token {token} is not an audio token of frame position {position}")
-    return code
+def frame_codes(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Audio token ids (a whole number of 7-token frames) -> frame-ordered codes (n, 7) int64.
 
-
-def frame_to_codes(frame: Sequence[int]) -> np.ndarray:
-    """The 7 codes (in frame order) of one frame of 7 audio token ids, as int64."""
-    if len(frame) != FRAME_TOKENS:
-        raise ValueError(f"a frame has {FRAME_TOKENS} tokens, got {len(frame)}")
-    return np.array([token_code(t, k) for k, t in enumerate(frame)], dtype=np.int64)
+    ValueError if the count is not a whole number of frames or a token is not the audio token of its position.
+    """
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if len(ids) % FRAME_TOKENS:
+        raise ValueError(f"{len(ids)} tokens is not a whole number of {FRAME_TOKENS}-token frames")
+    codes = ids.reshape(-1, FRAME_TOKENS) - FRAME_OFFSETS  # (n, 7)
+    if codes.size and (codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
+        k = int(np.argmax((codes < 0) | (codes >= CODEBOOK_SIZE)))
+        raise ValueError(f"token {int(ids[k])} is not an audio token of frame position {k % FRAME_TOKENS}")
+    return codes
 
 
 def frames_to_snac_codes(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split frame-ordered codes (n, 7) into SNAC's three codebooks of lengths n, 2n and 4n."""
     frames = np.asarray(frames, dtype=np.int64).reshape(-1, FRAME_TOKENS)  # (n, 7)
     l0 = frames[:, 0]  # (n,)
-    l1 = frames[:, [1, 4]].reshape(-1)  # (2n,)
-    l2 = frames[:, [2, 3, 5, 6]].reshape(-1)  # (4n,)
+    l1 = frames[:, L1_POSITIONS].reshape(-1)  # (2n,)
+    l2 = frames[:, L2_POSITIONS].reshape(-1)  # (4n,)
     return l0, l1, l2
 
 
@@ -101,25 +105,17 @@ def snac_codes_to_frames(l0: np.ndarray, l1: np.ndarray, l2: np.ndarray) -> np.n
     n = len(l0)
     if len(l1) != 2 * n or len(l2) != 4 * n:
         raise ValueError(f"codebook lengths must be n, 2n, 4n; got {len(l0)}, {len(l1)}, {len(l2)}")
-    l1 = np.asarray(l1).reshape(n, 2)
-    l2 = np.asarray(l2).reshape(n, 4)
-    return np.stack([l0, l1[:, 0], l2[:, 0], l2[:, 1], l1[:, 1], l2[:, 2], l2[:, 3]], axis=1)
+    frames = np.zeros((n, FRAME_TOKENS), dtype=np.int64)
+    frames[:, 0] = l0
+    frames[:, L1_POSITIONS] = np.asarray(l1).reshape(n, 2)
+    frames[:, L2_POSITIONS] = np.asarray(l2).reshape(n, 4)
+    return frames
 
 
 def codes_to_tokens(frames: np.ndarray) -> list[int]:
     """Frame-ordered codes (n, 7) -> the 7n audio token ids the model emits."""
     frames = np.asarray(frames, dtype=np.int64).reshape(-1, FRAME_TOKENS)
-    offsets = AUDIO_TOKEN_OFFSET + CODEBOOK_SIZE * np.arange(FRAME_TOKENS)  # (7,)
-    return (frames + offsets).reshape(-1).tolist()
-
-
-def tokens_to_codes(tokens: Sequence[int]) -> np.ndarray:
-    """Audio token ids (a whole number of frames) -> frame-ordered codes (n, 7)."""
-    if len(tokens) % FRAME_TOKENS:
-        raise ValueError(f"{len(tokens)} tokens is not a whole number of {FRAME_TOKENS}-token frames")
-    if not tokens:
-        return np.zeros((0, FRAME_TOKENS), dtype=np.int64)
-    return np.stack([frame_to_codes(tokens[i : i + FRAME_TOKENS]) for i in range(0, len(tokens), FRAME_TOKENS)])
+    return (frames + FRAME_OFFSETS).reshape(-1).tolist()
 
 
 def allowed_token_range(position: int) -> tuple[int, int]:

@@ -1,13 +1,12 @@
 """The simple, obviously correct synthesis path that the batched engine is tested against.
 
-One request at a time on a worker thread: text -> pieces (text.split_text) -> Orpheus prompt ->
-token-by-token decoding with the transformers model and a `DynamicCache` -> 7-token frames ->
+One request at a time on a worker thread: the prompts `speech.Speech` built -> token-by-token decoding with the transformers model and a `DynamicCache` -> 7-token frames ->
 `codec.CodecStream` windows -> PCM. Sampling uses transformers' own logits processors, in this
 order for every step:
 
 1. repetition penalty over the tokens this piece has generated so far (not the prompt);
 2. the audio constraint: at frame position k only the 4096 tokens of position k are allowed,
-   plus END_OF_SPEECH at frame boundaries (k == 0) (`allowed_tokens`, `audio_constraint`);
+   plus END_OF_SPEECH at frame boundaries (k == 0) (`allowed_tokens`);
 3. greedy argmax when temperature == 0, else temperature, then top-p, then one multinomial draw
    from a `torch.Generator` seeded with `SamplingParams.seed`, over the allowed tokens only
    (the same distribution as over the masked vocabulary: masked tokens have probability 0).
@@ -35,22 +34,11 @@ from transformers import (
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
-from pipecat_orpheus.codec_stream import Window
-from pipecat_orpheus.config import Config
+from pipecat_orpheus.codec.stream import Window
+from pipecat_orpheus.config import Config, EngineConfig
 from pipecat_orpheus.engine.request import SamplingParams
-from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled
-from pipecat_orpheus.synthesizer import AudioStream
-from pipecat_orpheus.text import split_text
-
-
-def audio_constraint(scores: torch.Tensor, position: int) -> torch.Tensor:
-    """Scores (1, V) with every token not allowed at frame position `position` set to -inf."""
-    start, end = fmt.allowed_token_range(position)
-    out = torch.full_like(scores, float("-inf"))  # (1, V)
-    out[:, start:end] = scores[:, start:end]
-    if position == 0:  # speech may only end between frames
-        out[:, fmt.END_OF_SPEECH] = scores[:, fmt.END_OF_SPEECH]
-    return out
+from pipecat_orpheus.engine.stream import AudioStream
+from pipecat_orpheus.errors import EngineBusy, EngineClosed, RequestCancelled
 
 
 def allowed_tokens(position: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -122,14 +110,13 @@ def generate_tokens(
 @dataclass(eq=False)
 class _Request:
     id: str
-    pieces: list[str]
-    voice: str
+    prompts: list[list[int]]
     sampling: SamplingParams
     stream: AudioStream
 
 
 class ReferenceSynthesizer:
-    """A `Synthesizer` that runs one request at a time through `generate_tokens` and the codec.
+    """A `speech.Backend` that runs one request at a time through `generate_tokens` and the codec.
 
     Requests wait in a bounded queue (`engine.max_queue`); past it `submit` raises `EngineBusy`.
     Cancelling a stream stops its generation at the next token.
@@ -138,10 +125,10 @@ class ReferenceSynthesizer:
         llm: a loaded Orpheus `LlamaForCausalLM` (eval mode).
         tokenizer: its tokenizer.
         codec: a `SnacCodec` on the same device.
-        config: the whole configuration (engine, sampling and voices sections are used).
+        config: the `engine` section (`max_queue` is used).
     """
 
-    def __init__(self, llm: Any, tokenizer: Any, codec: SnacCodec, *, config: Config):
+    def __init__(self, llm: Any, tokenizer: Any, codec: SnacCodec, *, config: EngineConfig):
         self.llm = llm
         self.tokenizer = tokenizer
         self.codec = codec
@@ -155,30 +142,21 @@ class ReferenceSynthesizer:
         self._worker.start()
 
     @classmethod
-    def from_config(cls, config: Config) -> ReferenceSynthesizer:
-        """Load the model and codec named in `config.model` (blocking) and start the worker."""
-        from pipecat_orpheus.loader import load_models
+    def from_models(cls, llm, tokenizer, snac, device, config: Config) -> ReferenceSynthesizer:
+        """A reference path over loaded models (`loader.load_models`), its worker started."""
+        return cls(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config.engine)
 
-        llm, tokenizer, snac, device = load_models(config.model)
-        return cls(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config)
+    # -- Backend -----------------------------------------------------------------------------
 
-    # -- Synthesizer -----------------------------------------------------------------------
-
-    def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> AudioStream:
-        """Queue `text` for speech; call from the event loop that will read the returned stream."""
-        voice = voice or self.config.voices.default
-        if voice not in self.config.voices.available:
-            raise ConfigError("voice", f"{voice!r} is not one of {', '.join(self.config.voices.available)}")
-        sampling = sampling or SamplingParams.from_config(self.config.sampling)
+    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
+        """Queue `prompts` for speech; call from the event loop that will read the returned stream."""
         stream = AudioStream(f"ref-{next(self._ids)}", asyncio.get_running_loop(), self._cancel)
-        request = _Request(
-            stream.request_id, split_text(text, self.config.engine.max_chars_per_piece), voice, sampling, stream
-        )
+        request = _Request(stream.request_id, prompts, sampling, stream)
         with self._cond:
             if self._closed:
-                raise RuntimeError("ReferenceSynthesizer is closed")
+                raise EngineClosed("the Orpheus reference path is closed")
             waiting = len(self._queue) - (self._active is None)  # the head of the queue is about to run
-            if waiting >= self.config.engine.max_queue:
+            if waiting >= self.config.max_queue:
                 raise EngineBusy(f"one request is generating and {waiting} are queued (engine.max_queue)")
             self._queue.append(request)
             self._cond.notify()
@@ -245,15 +223,14 @@ class ReferenceSynthesizer:
         device = next(self.llm.parameters()).device
         generator = make_generator(request.sampling.seed, device)
         codec_stream = self.codec.open_stream(request.sampling.seed)
-        for piece in request.pieces:
-            prompt = fmt.build_prompt(self.tokenizer, piece, request.voice)
+        for prompt in request.prompts:
             frame: list[int] = []
             for token in generate_tokens(self.llm, prompt, request.sampling, generator=generator):
                 if stopped():
                     return
                 frame.append(token)
                 if len(frame) == fmt.FRAME_TOKENS:
-                    self._emit(request, codec_stream.push(fmt.frame_to_codes(frame)))
+                    self._emit(request, codec_stream.push(fmt.frame_codes(frame)[0]))
                     frame = []
             if stopped():
                 return

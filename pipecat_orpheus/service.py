@@ -29,12 +29,12 @@ from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.client import OrpheusClient
+from pipecat_orpheus.wire.client import OrpheusClient
 from pipecat_orpheus.config import Config, load_config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import AuthError, ConfigError, EngineBusy, ModelLoadError, ProtocolError, RequestCancelled
 from pipecat_orpheus.pcm import float_to_pcm16_bytes
-from pipecat_orpheus.synthesizer import AudioStream, Synthesizer, load_synthesizer
+from pipecat_orpheus.speech import AudioStream, Synthesizer, load_synthesizer
 from pipecat_orpheus.text import word_timings
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "max_tokens")

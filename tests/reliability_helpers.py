@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import load_config
-from pipecat_orpheus.synthesizer import load_synthesizer
+from pipecat_orpheus.speech import load_synthesizer
 from tests.test_server import overrides, pack, until
 
 KEY = "Rel-k3y-5ecret"

@@ -6,10 +6,10 @@ import socket
 import numpy as np
 import pytest
 
-from pipecat_orpheus.client import OrpheusClient, _stream_url
+from pipecat_orpheus.wire.client import OrpheusClient, _stream_url
 from pipecat_orpheus.errors import AuthError, EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
-from pipecat_orpheus.server import serve
+from pipecat_orpheus.wire.server import serve
 from tests.test_server import LONG_TEXT, config, overrides, synth, until, with_  # noqa: F401 (fixtures)
 
 

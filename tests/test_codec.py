@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipecat_orpheus.codec import SnacCodec, _buckets, hashed_normal
-from pipecat_orpheus.codec_stream import FRAME_S, CodecStream, Window, graphed_shapes
+from pipecat_orpheus.codec.stream import FRAME_S, CodecStream, Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes
 from pipecat_orpheus.loader import load_snac

@@ -21,7 +21,7 @@ import websockets
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import Config, ModelConfig, load_config
 from pipecat_orpheus.testing import tiny_model_overrides
 from tests.helpers import load_script

@@ -22,7 +22,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.service import OrpheusTTSService
-from pipecat_orpheus.synthesizer import Synthesizer
+from pipecat_orpheus.speech import Synthesizer
 from tests.test_service import (
     LONG_TOKENS,
     MAX_TOKENS,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.errors import ProtocolError
 
 

@@ -5,8 +5,8 @@ import asyncio
 from loguru import logger
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
-from pipecat_orpheus.server import serve
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.server import serve
 from tests.reliability_helpers import KEY, UPGRADE, config, idle, synth, utterance  # noqa: F401 (fixtures)
 from tests.test_server import http_get
 

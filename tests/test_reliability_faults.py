@@ -16,12 +16,12 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.cli import USER_ERROR_EXIT, main
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.runner import check_kv_fits
 from pipecat_orpheus.errors import ModelLoadError
-from pipecat_orpheus.server import OrpheusServer, serve
+from pipecat_orpheus.wire.server import OrpheusServer, serve
 from tests.reliability_helpers import (  # noqa: F401 (fixtures)
     LONG,
     config,

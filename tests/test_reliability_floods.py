@@ -6,10 +6,10 @@ import time
 
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
-from pipecat_orpheus.server import serve
-from pipecat_orpheus.session import Abort, Session
+from pipecat_orpheus.wire.server import serve
+from pipecat_orpheus.wire.session import Abort, Session
 from tests.reliability_helpers import (  # noqa: F401 (fixtures)
     KEY,
     LONG,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus import protocol as p
-from pipecat_orpheus.server import serve
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.server import serve
 from tests.reliability_helpers import LONG, TEXT, config, idle, synth  # noqa: F401 (fixtures)
 from tests.test_server import pack
 

@@ -16,14 +16,14 @@ from loguru import logger
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.errors import ConfigError
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.pcm import MESSAGE_SAMPLES
 from pipecat_orpheus.reference import ReferenceSynthesizer
-from pipecat_orpheus.server import run, serve
-from pipecat_orpheus.synthesizer import load_synthesizer
+from pipecat_orpheus.wire.server import run, serve
+from pipecat_orpheus.speech import load_synthesizer
 from pipecat_orpheus.testing import tiny_model_overrides
 
 LONG_TEXT = "One two three four. Five six seven eight. Nine ten eleven twelve. Thirteen fourteen fifteen."

@@ -32,13 +32,13 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.client import OrpheusClient
+from pipecat_orpheus.wire.client import OrpheusClient
 from pipecat_orpheus.config import Config, load_config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.pcm import float_to_pcm16_bytes
-from pipecat_orpheus.server import OrpheusServer, serve
+from pipecat_orpheus.wire.server import OrpheusServer, serve
 from pipecat_orpheus.service import OrpheusTTSService, OrpheusTTSSettings
-from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
+from pipecat_orpheus.speech import Synthesizer, load_synthesizer
 from pipecat_orpheus.testing import tiny_model_overrides
 
 MAX_TOKENS = 28  # 4 frames (341 ms) per sentence: enough to stream several chunks, quick on CPU

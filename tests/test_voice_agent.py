@@ -45,7 +45,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.service import OrpheusTTSService
-from pipecat_orpheus.synthesizer import load_synthesizer
+from pipecat_orpheus.speech import load_synthesizer
 from tests.helpers import load_script
 
 BOT_PATH = Path(__file__).resolve().parent.parent / "examples" / "voice_agent" / "bot.py"

@@ -233,7 +233,7 @@ def preload_local_tts(options: AgentOptions) -> None:
     The service finds this same engine at session start: it is cached per process by its config.
     """
     if options.tts == "local":
-        from pipecat_orpheus.synthesizer import load_synthesizer
+        from pipecat_orpheus.speech import load_synthesizer
 
         logger.info("Loading Orpheus (local mode) before accepting sessions...")
         load_synthesizer(load_config(options.orpheus_config))

@@ -1,14 +1,7 @@
-"""The batched Orpheus engine: `OrpheusEngine` (continuous batching on the GPU) and `SamplingParams`."""
+"""The batched Orpheus engine: `OrpheusEngine` (continuous batching on the GPU), `SamplingParams`, `AudioStream`."""
 
+from pipecat_orpheus.engine.engine import OrpheusEngine
 from pipecat_orpheus.engine.request import SamplingParams
+from pipecat_orpheus.engine.stream import AudioStream
 
-__all__ = ["OrpheusEngine", "SamplingParams"]
-
-
-def __getattr__(name: str):
-    # Lazy: engine.py imports synthesizer.py, which imports this package for SamplingParams.
-    if name == "OrpheusEngine":
-        from pipecat_orpheus.engine.engine import OrpheusEngine
-
-        return OrpheusEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["AudioStream", "OrpheusEngine", "SamplingParams"]

@@ -13,6 +13,7 @@ uses the same call with one row per prompt token (its slot, its position + 1 as 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,7 +27,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 _TILE_BYTES = 64 * 128 * 2  # bytes of K per inner iteration: 64 positions of bf16 (128 of fp8)
 _MAX_SPLITS = 32  # splits of the live length per (row, KV head) at batch 1
-_TARGET_PROGRAMS = 4 * 132  # enough programs to fill an H100's 132 SMs several times over
+_PROGRAMS_PER_SM = 4  # programs per SM a decode launch aims for: every SM busy several times over
+_CPU_SMS = 132  # the SM count assumed off the GPU (an H100's; Triton's CPU interpreter in tests)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -40,9 +42,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def num_splits(batch: int, kv_heads: int) -> int:
-    """Splits of each live length so that a decode launch has enough programs (a power of two)."""
-    want = max(1, math.ceil(_TARGET_PROGRAMS / (batch * kv_heads)))
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`, read from the device itself."""
+    if device.type != "cuda":
+        return _CPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(batch: int, kv_heads: int, sms: int = _CPU_SMS) -> int:
+    """Splits of each live length so that a decode launch on `sms` SMs has enough programs (a power of two)."""
+    want = max(1, math.ceil(_PROGRAMS_PER_SM * sms / (batch * kv_heads)))
     return min(_MAX_SPLITS, 1 << (want - 1).bit_length())
 
 
@@ -91,7 +101,7 @@ def decode_attention(
 def _triton_decode(q, k_cache, v_cache, slots, lens):
     b, h, d = q.shape
     kvh = k_cache.shape[1]
-    splits = num_splits(b, kvh)
+    splits = num_splits(b, kvh, sm_count(q.device))
     part = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)  # (B, H, splits, D)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)  # (B, H, splits)
     out = torch.empty_like(q)  # (B, H, D)

@@ -134,26 +134,6 @@ class OrpheusLM:
 
     # -- forwards --------------------------------------------------------------------------
 
-    def prefill(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        *,
-        max_len: int,
-        use_triton: bool = False,
-    ) -> torch.Tensor:
-        """Prompt tokens of any requests, flattened: (T,) ids at (T,) positions of (T,) slots -> (T, H) normed hidden.
-
-        The same forward as a decode step: every token's K/V is written before the layer's attention, so a
-        token sees its own chunk's earlier tokens and earlier chunks through the cache. No padding
-        per request and no mask: shapes depend on T only (few to warm up), and on CUDA the
-        attention is the decode kernel (the same compiled Triton code, nothing new to specialise).
-        """
-        return self.forward(input_ids, positions, slots, k_cache, v_cache, max_len, use_triton)
-
     def forward(self, input_ids, positions, slots, k_cache, v_cache, max_len: int, use_triton: bool) -> torch.Tensor:
         """(B,) tokens at (B,) positions of (B,) slots -> (B, H) final-normed hidden states.
 

@@ -2,47 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipecat_orpheus.config import SamplingConfig
-from pipecat_orpheus.errors import ConfigError
+from pipecat_orpheus.config import SamplingConfig, check_field
+from pipecat_orpheus.errors import ConfigError, InvalidRequest
+
+
+_DEFAULTS = SamplingConfig()
+_CHECKED = tuple(f.name for f in dataclasses.fields(SamplingConfig))  # ranges: SamplingConfig's metadata
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How one request samples audio tokens; defaults come from `SamplingConfig`."""
+    """How one request samples audio tokens: `SamplingConfig`'s fields, defaults and ranges, per request."""
 
-    temperature: float = 0.6
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
-    max_tokens: int = 2000
-    seed: int | None = None
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    repetition_penalty: float = _DEFAULTS.repetition_penalty
+    max_tokens: int = _DEFAULTS.max_tokens
+    seed: int | None = _DEFAULTS.seed
     min_tokens: int = 0  # END_OF_SPEECH is masked until this many audio tokens (benchmarks force full length)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.temperature <= 5.0:
-            raise ConfigError("temperature", f"{self.temperature} is out of range [0, 5]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("top_p", f"{self.top_p} is out of range (0, 1]")
-        if not 1.0 <= self.repetition_penalty <= 5.0:
-            raise ConfigError("repetition_penalty", f"{self.repetition_penalty} is out of range [1, 5]")
-        if self.max_tokens < 7:
-            raise ConfigError("max_tokens", f"{self.max_tokens} is below one 7-token frame")
+        for name in _CHECKED:
+            try:
+                check_field(SamplingConfig, name, getattr(self, name))
+            except ConfigError as e:
+                raise InvalidRequest(name, e.reason) from None
         if self.min_tokens < 0:
-            raise ConfigError("min_tokens", f"{self.min_tokens} is negative")
+            raise InvalidRequest("min_tokens", f"{self.min_tokens} is negative")
 
     @classmethod
     def from_config(cls, config: SamplingConfig, **overrides: object) -> SamplingParams:
         """The config's defaults, with the non-None `overrides` applied."""
-        values = {
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "repetition_penalty": config.repetition_penalty,
-            "max_tokens": config.max_tokens,
-            "seed": config.seed,
-        }
+        values = {name: getattr(config, name) for name in _CHECKED}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -15,18 +15,17 @@ With `enforce_eager` (and always on CPU) the same step function runs without gra
 from __future__ import annotations
 
 import bisect
-import functools
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from loguru import logger
-from tqdm.auto import tqdm
 
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import ModelLoadError
 from pipecat_orpheus.format import FRAME_TOKENS
+from pipecat_orpheus.graphs import capture, step_buckets
 from pipecat_orpheus.noise import noise_key
 
 from .attention import triton_available
@@ -50,13 +49,6 @@ class _Launched:
     m: int
     buffer: int
     done: torch.cuda.Event | None
-
-
-def graph_ladder(max_batch: int) -> list[int]:
-    """Batch sizes captured as CUDA graphs: 1, 2, 4, 8, then steps of 16 to 128, of 32 beyond."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
-    sizes += list(range(16, min(max_batch, 128) + 1, 16)) + list(range(160, max_batch + 1, 32))
-    return sorted(set(s for s in sizes if s < max_batch) | {max_batch})
 
 
 def check_kv_fits(need: int, free: int, config: EngineConfig) -> None:
@@ -93,9 +85,8 @@ class ModelRunner:
         self._allocate()
         # the engine's work outranks the codec's SNAC decodes on the GPU (lower number = higher priority)
         self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode, by batch bucket
-        self._prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # T -> (graph, (T, H) out)
-        self._mixed_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, T) -> ...
+        # (decode rows, prompt tokens) -> (graph, the prompt tokens' hidden states (T, H) or None); 0 = none of them
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self._buckets: list[int] = []
         self._in_flight: deque[_Launched] = deque()
         self._launches = 0
@@ -201,21 +192,7 @@ class ModelRunner:
         t, m = self._stage_prefill(step.prefill, buffer) if step.prefill else (0, 0)
         lens = [c.end for c in step.prefill] + ([int(host[2, :n].max()) + 1] if n else [])
         max_len = max(lens, default=1)  # the longest live length (the eager SDPA path crops the cache to it)
-        if n and t and (bucket, t) in self._mixed_graphs:
-            graph, x = self._mixed_graphs[bucket, t]  # x: (T, H), the prompt tokens' hidden states
-            graph.replay()
-        elif n and t and not self.use_graphs:
-            x = self._mixed_step(bucket, t, max_len=max_len)  # one forward for decode rows and prompt tokens
-        else:
-            if n and bucket in self._graphs:
-                self._graphs[bucket].replay()
-            elif n:
-                self._decode_step(bucket, max_len=max_len)
-            if t and t in self._prefill_graphs:
-                graph, x = self._prefill_graphs[t]
-                graph.replay()
-            elif t:
-                x = self._prefill_forward(t, max_len=max_len)
+        x = self._run(bucket, t, max_len=max_len)
         if m:
             self._sample_first(x, t, m, offset=bucket)
         self._host_out[buffer, : bucket + m].copy_(self._dev_out[: bucket + m], non_blocking=True)
@@ -225,6 +202,34 @@ class ModelRunner:
         self._in_flight.append(_Launched(n, bucket, m, buffer, done))
         self._launches += 1
         self._token_index = {r: i for i, r in enumerate(decode)} | {r: bucket + j for j, r in enumerate(completed)}
+
+    def _run(self, bs: int, t: int, *, max_len: int) -> torch.Tensor | None:
+        """`bs` decode rows and `t` staged prompt tokens: their graph if captured, else eagerly.
+
+        Without a mixed graph of this size (more prompt tokens than `prefill_tokens_while_decoding`)
+        the decode graph and the prefill graph run one after the other.
+        """
+        entry = self._graphs.get((bs, t))
+        if entry is not None:
+            entry[0].replay()
+            return entry[1]
+        if bs and t and self.use_graphs:
+            self._run(bs, 0, max_len=max_len)
+            return self._run(0, t, max_len=max_len)
+        return self._forward_step(bs, t, max_len=max_len)
+
+    def _forward_step(self, bs: int, t: int, *, max_len: int) -> torch.Tensor | None:
+        """The body of every step graph: decode rows (sampled), prompt tokens (hidden states returned), or both."""
+        if bs and t:
+            return self._mixed_step(bs, t, max_len=max_len)
+        if bs:
+            return self._decode_step(bs, max_len=max_len)
+        return self._prefill_forward(t, max_len=max_len)
+
+    def abandon(self) -> None:
+        """Forget the steps in flight after a failure (their requests are failed by the engine)."""
+        self._in_flight.clear()
+        self._token_index = {}
 
     def _bucket(self, n: int) -> int:
         if not self._buckets:
@@ -321,13 +326,12 @@ class ModelRunner:
     def _prefill_forward(self, t: int, *, max_len: int) -> torch.Tensor:
         """The forward of `t` packed prompt tokens in `_dev_pf` (the body of each prefill graph): (T, H)."""
         dev = self._dev_pf
-        return self.lm.prefill(
-            dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t], self.k_cache, self.v_cache,
-            max_len=max_len, use_triton=self.use_triton,
-        )  # fmt: skip
+        return self.lm.forward(
+            dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t], self.k_cache, self.v_cache, max_len, self.use_triton
+        )
 
     @torch.inference_mode()
-    def warm_up_prefill(self, *, force: bool = False) -> None:
+    def warm_up(self, *, force: bool = False) -> None:
         """Run the prefill step once per padded length (and a few prompt counts) on the dummy slot.
 
         Every shape a caller's prefill can take is then warmed up (cuBLAS plans, caching-allocator
@@ -366,36 +370,22 @@ class ModelRunner:
         """
         if not self.use_graphs:
             return
-        ladder = graph_ladder(self.max_slots)
+        ladder = step_buckets(self.max_slots)
         self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))
         lengths = list(range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD)) if self.use_triton else []
         mixed = [t for t in lengths if t < self.config.prefill_tokens_while_decoding + _PREFILL_PAD]
-        todo = [(bs, 0) for bs in reversed(ladder)] + [(0, t) for t in reversed(lengths)]
-        todo += [(bs, t) for bs in reversed(ladder) for t in reversed(mixed)]
-        pool = None
-        for bs, t in tqdm(todo, desc="Capturing CUDA graphs", unit="graph"):
-            if t:  # padding tokens: id 0 at position 0 of the dummy slot
-                self._dev_pf[: 2 * t] = 0
-                self._dev_pf[2 * t : 3 * t] = self.dummy_slot
-            if bs and t:
-                body = functools.partial(self._mixed_step, bs, t, max_len=self.max_len)
-            elif bs:
-                body = functools.partial(self._decode_step, bs, max_len=self.max_len)
-            else:
-                body = functools.partial(self._prefill_forward, t, max_len=self.max_len)
-            body()  # warm-up: compiles kernels, sizes the pool
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = body()
-            pool = graph.pool()
-            if bs and t:
-                self._mixed_graphs[bs, t] = (graph, out)
-            elif bs:
-                self._graphs[bs] = graph
-            else:
-                self._prefill_graphs[t] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        keys = [(bs, 0) for bs in reversed(ladder)] + [(0, t) for t in reversed(lengths)]
+        keys += [(bs, t) for bs in reversed(ladder) for t in reversed(mixed)]
+
+        def pad_prompt(key: tuple[int, int]) -> None:  # padding tokens: id 0 at position 0 of the dummy slot
+            t = key[1]
+            self._dev_pf[: 2 * t] = 0
+            self._dev_pf[2 * t : 3 * t] = self.dummy_slot
+
+        def body(key: tuple[int, int]) -> torch.Tensor | None:
+            return self._forward_step(*key, max_len=self.max_len)
+
+        self._graphs = capture(keys, body, device=self.device, desc="Engine CUDA graphs", setup=pad_prompt)
         self._buckets = ladder
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipecat_orpheus.errors import ConfigError, EngineBusy
+from pipecat_orpheus.errors import EngineBusy, InvalidRequest
 from pipecat_orpheus.format import END_OF_SPEECH, FRAME_TOKENS
 
 from .request import Request, RequestStatus
@@ -121,10 +121,11 @@ class Scheduler:
         """Give `request` a free slot, or queue it; `EngineBusy` when neither is possible."""
         for prompt in request.prompts:
             if self.max_tokens_per_slot - len(prompt) < FRAME_TOKENS:
-                raise ConfigError(
-                    "engine.max_tokens_per_slot",
-                    f"a prompt of {len(prompt)} tokens leaves no room for audio in {self.max_tokens_per_slot} "
-                    "positions; raise it or lower engine.max_chars_per_piece",
+                raise InvalidRequest(
+                    "text",
+                    f"a prompt of {len(prompt)} tokens leaves no room for audio in a slot of "
+                    f"{self.max_tokens_per_slot} positions (engine.max_tokens_per_slot; raise it or lower "
+                    "engine.max_chars_per_piece)",
                 )
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")

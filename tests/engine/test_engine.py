@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipecat_orpheus.codec import SnacCodec
-from pipecat_orpheus.codec_stream import CodecStream
+from pipecat_orpheus.codec.stream import CodecStream
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
 from pipecat_orpheus.engine.engine import decode_wait_s

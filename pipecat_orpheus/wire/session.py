@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from loguru import logger
 
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
 from pipecat_orpheus.errors import EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE

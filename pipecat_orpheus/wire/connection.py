@@ -15,13 +15,13 @@ from loguru import logger
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from pipecat_orpheus import metrics
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import metrics
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
-from pipecat_orpheus.session import POLICY_VIOLATION, Abort, Close, Session, Start, Stop
-from pipecat_orpheus.synthesizer import AudioStream, Synthesizer
+from pipecat_orpheus.wire.session import POLICY_VIOLATION, Abort, Close, Session, Start, Stop
+from pipecat_orpheus.speech import AudioStream, Synthesizer
 
 
 class _Closed(Exception):

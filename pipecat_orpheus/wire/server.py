@@ -28,14 +28,14 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from pipecat_orpheus import metrics
-from pipecat_orpheus import protocol as p
+from pipecat_orpheus.wire import metrics
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import Config
-from pipecat_orpheus.connection import Connection
+from pipecat_orpheus.wire.connection import Connection
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError
-from pipecat_orpheus.session import Session
-from pipecat_orpheus.synthesizer import Synthesizer, load_synthesizer
+from pipecat_orpheus.wire.session import Session
+from pipecat_orpheus.speech import Synthesizer, load_synthesizer
 
 STREAM_PATHS = ("/api/tts_streaming", "/ws")  # Kyutai's path, and a short alias
 GOING_AWAY = 1001  # RFC 6455: server shutting down

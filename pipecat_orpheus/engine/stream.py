@@ -1,9 +1,7 @@
-"""What every speech source offers its callers: `submit()` returning an `AudioStream`.
+"""A request's audio as the caller sees it: PCM chunks produced on the engine's thread, read on an event loop.
 
-The reference path and the batched engine both implement `Synthesizer`, so the server and the
-Pipecat service run on either with no change. Audio is produced on a worker thread and handed
-to the caller's event loop through the stream, which never blocks the producer: a slow reader
-costs memory bounded by the request's `max_tokens`, never a stalled batch.
+The producer never blocks: a slow reader costs memory bounded by the request's `max_tokens`,
+never a stalled batch.
 """
 
 from __future__ import annotations
@@ -11,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 
-from pipecat_orpheus.config import Config
-from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import RequestCancelled
 
 
@@ -97,53 +92,3 @@ class AudioStream:
         """Every remaining sample, concatenated (for tests and offline use)."""
         chunks = [chunk async for chunk in self]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-
-
-class Synthesizer(Protocol):
-    """A source of speech shared by every caller in the process."""
-
-    def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> AudioStream:
-        """Start speaking `text`; raises `EngineBusy` at once when the queue is full."""
-        ...
-
-    @property
-    def active_requests(self) -> int:
-        """Requests holding a slot (generating) right now."""
-        ...
-
-    @property
-    def queued_requests(self) -> int:
-        """Requests waiting for a slot."""
-        ...
-
-    @property
-    def closed(self) -> bool:
-        """Whether `close()` has been called (a closed synthesizer takes no more requests)."""
-        ...
-
-    def close(self) -> None:
-        """Stop the worker and cancel everything in flight."""
-        ...
-
-
-_shared: dict[tuple, Synthesizer] = {}
-_shared_lock = threading.Lock()
-
-
-def load_synthesizer(config: Config) -> Synthesizer:
-    """The process-wide speech source for `config`'s model: loaded once, shared by every caller.
-
-    Blocking (loads weights and warms up): call it off the event loop.
-    """
-    key = (config.model, config.engine, config.codec)
-    with _shared_lock:
-        if key not in _shared or _shared[key].closed:
-            if config.engine.backend == "reference":
-                from pipecat_orpheus.reference import ReferenceSynthesizer
-
-                _shared[key] = ReferenceSynthesizer.from_config(config)
-            else:
-                from pipecat_orpheus.engine.engine import OrpheusEngine
-
-                _shared[key] = OrpheusEngine.from_config(config)
-        return _shared[key]
