@@ -45,6 +45,7 @@ from pipecat_orpheus.engine.runner import ModelRunner
 from pipecat_orpheus.engine.sampler import N_HEAD_ROWS
 from pipecat_orpheus.engine.scheduler import Scheduler
 from pipecat_orpheus.reference import generate_tokens
+from pipecat_orpheus.speech import Speech, speech_for
 from pipecat_orpheus.testing import make_tiny_tokenizer, tiny_llama_config, tiny_snac_config
 
 REAL_LLAMA = dict(
@@ -127,9 +128,9 @@ def engine_first_logits(lm: OrpheusLM, prompt: list[int], device) -> torch.Tenso
     shape = (lm.num_layers, 1, lm.num_kv_heads, 256, lm.head_dim)
     kc, vc = torch.zeros(shape, dtype=lm.dtype, device=device), torch.zeros(shape, dtype=lm.dtype, device=device)
     with torch.inference_mode():
-        hidden = lm.prefill(
+        hidden = lm.forward(
             torch.tensor(prompt, device=device), torch.arange(n, device=device),
-            torch.zeros(n, dtype=torch.long, device=device), kc, vc, max_len=n, use_triton=triton_available(device),
+            torch.zeros(n, dtype=torch.long, device=device), kc, vc, n, triton_available(device),
         )  # fmt: skip
         return lm.head_logits(hidden[-1:])[0, :N_HEAD_ROWS]
 
@@ -208,8 +209,9 @@ def codec_graph_check(snac, config, device, rng) -> dict:
 # -- the sweep ---------------------------------------------------------------------------------------
 
 
-async def run_level(engine: OrpheusEngine, n: int, args) -> dict:
+async def run_level(speech: Speech, n: int, args) -> dict:
     """`n` streams, arrivals spread over `args.stagger_s`; per-stream timing of every chunk, and why some are late."""
+    engine: OrpheusEngine = speech.backend
     tokens = args.stream_tokens
     puts: list[list[float]] = [[] for _ in range(n)]
 
@@ -217,7 +219,7 @@ async def run_level(engine: OrpheusEngine, n: int, args) -> dict:
         await asyncio.sleep(args.stagger_s * i / n)
         sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, seed=i)
         t0 = time.perf_counter()
-        stream = engine.submit(f"Stream {i} reads this sentence for the benchmark.", sampling=sp)
+        stream = speech.submit(f"Stream {i} reads this sentence for the benchmark.", sampling=sp)
         puts[i] = trace.watch(stream)
         request = engine._requests[stream.request_id]  # for the engine-side timestamps only
         arrivals, sizes = [], []
@@ -250,14 +252,15 @@ async def run_level(engine: OrpheusEngine, n: int, args) -> dict:
     )
 
 
-async def ttfb_probe(engine: OrpheusEngine, args) -> dict:
+async def ttfb_probe(speech: Speech, args) -> dict:
     """Time to first audio of lone short requests, one after another (level 1 alone is one sample)."""
+    engine: OrpheusEngine = speech.backend
     ttfb, first_token = [], []
     tokens = args.probe_tokens
     for i in range(args.probe_repeats):
         sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, seed=1000 + i)
         t0 = time.perf_counter()
-        stream = engine.submit(f"Probe {i} reads this sentence for the benchmark.", sampling=sp)
+        stream = speech.submit(f"Probe {i} reads this sentence for the benchmark.", sampling=sp)
         request = engine._requests[stream.request_id]  # for the engine-side timestamp only
         first = None
         async for _ in stream:
@@ -338,8 +341,9 @@ def main() -> None:
     t0 = time.perf_counter()
     # the engine captures its decode graphs, warms every prefill shape up and captures the codec's graphs;
     # warm_up() then runs two requests end to end (full lookahead, then a lookahead ramp)
-    engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config)
+    engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config.engine)
     engine.warm_up()
+    speech = speech_for(engine, config)  # the text front: voice, text split, prompts
     result["engine_start_s"] = time.perf_counter() - t0
     result["engine_config"] = {
         k: getattr(config.engine, k) for k in ("max_slots", "max_tokens_per_slot", "prefill_chunk_tokens")
@@ -373,7 +377,7 @@ def main() -> None:
             log(f"level {n} skipped: {elapsed:.0f} s spent of --budget-s {args.budget_s:.0f}")
             result.setdefault("levels_skipped", []).append(n)
             continue
-        level = asyncio.run(run_level(engine, n, args))
+        level = asyncio.run(run_level(speech, n, args))
         levels.append(level)
         rtf_min = level["rtf_min"]
         fig = {k: v for k, v in level.items() if k != "lateness"}
@@ -383,10 +387,10 @@ def main() -> None:
         for d in late["late_engine_worst"][:3] + late["slowest_steps"][:3]:
             log(f"   {', '.join(f'{k}={v:.4g}' for k, v in d.items())}")
         if n == 1:
-            result["ttfb_probe_1"] = asyncio.run(ttfb_probe(engine, args))
+            result["ttfb_probe_1"] = asyncio.run(ttfb_probe(speech, args))
             log(f"first audio of lone requests: {result['ttfb_probe_1']}")
         out_json.write_text(json.dumps(result, indent=2, default=str))  # partial, in case of a timeout
-    result["engine_stats"] = {"steps": engine.stats.steps, "step_s_ewma": engine.step_s}
+    result["engine_stats"] = {"steps": engine.stats.steps, "step_s_ewma": engine.feed.step_s}
     engine.close()
     summarize(result)
     result["wall_s"] = time.perf_counter() - t_start

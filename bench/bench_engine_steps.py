@@ -41,9 +41,8 @@ def step_timing(engine: OrpheusEngine, device, batches: list[int], context: int,
             [torch.arange(b), torch.arange(b), torch.full((b,), context),
              torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)]
         ).to(device)  # fmt: skip
-        fn = (
-            runner._graphs[b].replay if b in runner._graphs else lambda b=b: runner._decode_step(b, max_len=context + 1)
-        )
+        graph = runner._graphs.get((b, 0))  # (decode rows, prompt tokens) -> (graph, output)
+        fn = graph[0].replay if graph is not None else lambda b=b: runner._decode_step(b, max_len=context + 1)
         for _ in range(3):
             fn()
         sync(device)

@@ -47,9 +47,9 @@ from bench_reliability_soak import run_soak
 from loguru import logger
 
 from pipecat_orpheus.config import load_config
-from pipecat_orpheus.wire.server import OrpheusServer
 from pipecat_orpheus.speech import load_synthesizer
 from pipecat_orpheus.testing import make_tiny_model, tiny_model_overrides
+from pipecat_orpheus.wire.server import OrpheusServer
 
 # glibc's dynamic thresholds: each time a large block is freed it raises the mmap threshold (up to
 # 32 MiB) and the heap-top trim threshold to twice that, so after a peak of concurrent requests up to

@@ -20,11 +20,11 @@ from bench_reliability_common import AUTH, KEY, LONG_TEXT, POISON, Bench, guarde
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipecat_orpheus.wire import protocol as p
-from pipecat_orpheus.wire.client import OrpheusClient
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.runner import check_kv_fits
 from pipecat_orpheus.errors import ModelLoadError
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.client import OrpheusClient
 from pipecat_orpheus.wire.server import OrpheusServer
 
 KILLED_CLIENT = Path(__file__).resolve().parent.parent / "tests" / "killed_client.py"  # speaks, waits to die

@@ -274,20 +274,21 @@ def random_weight_engine(config, device: str):
 
     from pipecat_orpheus.codec import SnacCodec
     from pipecat_orpheus.engine.engine import OrpheusEngine
+    from pipecat_orpheus.speech import speech_for
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_engine import build  # the same random model as the engine benchmark
 
     llm, tokenizer, snac = build(SimpleNamespace(tiny=False), torch.device(device), torch.bfloat16)
-    engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, torch.device(device)), config=config)
+    engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, torch.device(device)), config=config.engine)
     engine.warm_up()
-    return engine
+    return speech_for(engine, config)  # the text front a server's synthesizer is
 
 
 async def gpu_bench(args) -> dict:
     from pipecat_orpheus.engine.request import SamplingParams
-    from pipecat_orpheus.wire.server import serve
     from pipecat_orpheus.speech import load_synthesizer
+    from pipecat_orpheus.wire.server import serve
 
     overrides = {
         "model.device": args.device,

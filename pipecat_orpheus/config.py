@@ -21,7 +21,8 @@ import yaml
 
 from pipecat_orpheus.errors import ConfigError, InvalidRequest
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "orpheus_config.yaml"
+# The shipped defaults: package data (a link to the top-level file users edit, copied into a wheel).
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "orpheus_config.yaml"
 ENV_PREFIX = "ORPHEUS_"
 
 
@@ -168,6 +169,11 @@ class Config:
             raise ConfigError("server.ping_timeout_s", "must be >= server.ping_interval_s")
         if self.limits.max_frame_bytes < self.limits.max_message_bytes:
             raise ConfigError("limits.max_frame_bytes", "must be >= limits.max_message_bytes")
+        if self.engine.prefill_tokens_while_decoding > self.engine.prefill_chunk_tokens:
+            raise ConfigError(
+                "engine.prefill_tokens_while_decoding",
+                f"must be <= engine.prefill_chunk_tokens ({self.engine.prefill_chunk_tokens})",
+            )
         if self.sampling.max_tokens > self.engine.max_tokens_per_slot:
             raise ConfigError(
                 "sampling.max_tokens", f"must be <= engine.max_tokens_per_slot ({self.engine.max_tokens_per_slot})"
@@ -181,22 +187,20 @@ def load_config(
 ) -> Config:
     """Load the configuration: the YAML file, then the environment, then `overrides`.
 
-    `path` defaults to the repository's orpheus_config.yaml; environment variables are named
+    `path` defaults to the orpheus_config.yaml shipped with the package; environment variables are named
     `ORPHEUS_<SECTION>_<KEY>`; `overrides` come from CLI flags, such as `{"server.port": 9000}`
     (None values are skipped).
     """
-    values: dict[str, dict[str, Any]] = {}
-    if path is not None or DEFAULT_CONFIG_PATH.exists():
-        file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except OSError as e:
-            raise ConfigError("--config", f"cannot read {file}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{file} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{file} must hold a mapping of sections")
-        values = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in loaded.items()}
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {file}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{file} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{file} must hold a mapping of sections")
+    values: dict[str, dict[str, Any]] = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in loaded.items()}
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     for name, raw in (environ if environ is not None else os.environ).items():
         if not name.startswith(ENV_PREFIX):

@@ -29,13 +29,20 @@ from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.wire.client import OrpheusClient
 from pipecat_orpheus.config import Config, load_config
 from pipecat_orpheus.engine.request import SamplingParams
-from pipecat_orpheus.errors import AuthError, ConfigError, EngineBusy, ModelLoadError, ProtocolError, RequestCancelled
+from pipecat_orpheus.errors import (
+    AuthError,
+    EngineBusy,
+    InvalidRequest,
+    ModelLoadError,
+    ProtocolError,
+    RequestCancelled,
+)
 from pipecat_orpheus.pcm import float_to_pcm16_bytes
 from pipecat_orpheus.speech import AudioStream, Synthesizer, load_synthesizer
 from pipecat_orpheus.text import word_timings
+from pipecat_orpheus.wire.client import OrpheusClient
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "max_tokens")
 
@@ -180,7 +187,7 @@ class OrpheusTTSService(TTSService):
         changed = await super()._update_settings(delta)
         try:
             self._check_settings(self._settings)
-        except ConfigError as e:
+        except InvalidRequest as e:
             for name, old in changed.items():
                 setattr(self._settings, name, old)
             await self.push_error(f"Orpheus setting refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
@@ -190,8 +197,7 @@ class OrpheusTTSService(TTSService):
         return changed
 
     def _check_settings(self, settings: OrpheusTTSSettings) -> None:
-        if settings.voice not in self._config.voices.available:
-            raise ConfigError("voice", f"{settings.voice!r} is not one of {', '.join(self._config.voices.available)}")
+        self._config.voices.check(settings.voice)
         self._sampling(settings)
 
     def _sampling(self, settings: OrpheusTTSSettings) -> SamplingParams:
@@ -337,7 +343,7 @@ class OrpheusTTSService(TTSService):
             await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.CONNECTIVITY)
         elif isinstance(error, ProtocolError):  # the server refused or failed this one request
             await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.SERVER)
-        elif isinstance(error, ConfigError):  # e.g. a voice the engine does not know
+        elif isinstance(error, InvalidRequest):  # e.g. a voice the engine does not know
             await self.push_error(f"{what}: {error}", exception=error, category=ErrorCategory.APPLICATION)
         else:
             logger.opt(exception=error).error(f"{self}: {what}")

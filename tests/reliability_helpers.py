@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.speech import load_synthesizer
-from tests.test_server import overrides, pack, until
+from pipecat_orpheus.wire import protocol as p
+from tests.helpers import overrides, pack, until
 
 KEY = "Rel-k3y-5ecret"
 TEXT = "Hello there, how are you?"

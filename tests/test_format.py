@@ -6,10 +6,17 @@ from hypothesis.extra.numpy import arrays
 from transformers import AutoTokenizer
 
 from pipecat_orpheus import format as fmt
+from pipecat_orpheus.config import VoiceConfig
 
 # Hand-computed: 128266 + 4096 * k (+ 4095 for the last code of position k).
 FIRST = [128266, 132362, 136458, 140554, 144650, 148746, 152842]
 LAST = [132361, 136457, 140553, 144649, 148745, 152841, 156937]
+
+
+def token_code(token: int, position: int) -> int:
+    """The code `token` carries at frame position `position`, through `frame_codes` (every other token valid)."""
+    frame = [*FIRST[:position], token, *FIRST[position + 1 :]]
+    return int(fmt.frame_codes(frame)[0, position])
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,7 @@ def test_special_ids():
         128259,
         128260,
     )
-    assert (fmt.START_OF_AI, fmt.END_OF_AI, fmt.PAD, fmt.AUDIO_TOKEN_OFFSET) == (128261, 128262, 128263, 128266)
+    assert (fmt.START_OF_AI, fmt.PAD, fmt.AUDIO_TOKEN_OFFSET) == (128261, 128263, 128266)
     assert fmt.VOCAB_SIZE == 156940 and fmt.AUDIO_TOKEN_END == 156938
     assert fmt.SAMPLES_PER_FRAME == 4 * 512 and round(fmt.TOKENS_PER_SECOND, 2) == 82.03
 
@@ -36,13 +43,13 @@ def test_code_0_and_4095_at_each_position(k):
     """Code 0 and code 4095 map to the first and last id of each position's range, and back."""
     assert fmt.audio_token(k, 0) == FIRST[k]
     assert fmt.audio_token(k, 4095) == LAST[k]
-    assert fmt.token_code(FIRST[k], k) == 0 and fmt.token_code(LAST[k], k) == 4095
+    assert token_code(FIRST[k], k) == 0 and token_code(LAST[k], k) == 4095
     assert fmt.allowed_token_range(k) == (FIRST[k], LAST[k] + 1)
     assert fmt.is_audio_token(FIRST[k]) and fmt.is_audio_token(LAST[k])
     with pytest.raises(ValueError):
-        fmt.token_code(LAST[k] + 1, k)  # first id of the next position (or past the audio range)
+        token_code(LAST[k] + 1, k)  # first id of the next position (or past the audio range)
     with pytest.raises(ValueError):
-        fmt.token_code(FIRST[k] - 1, k)
+        token_code(FIRST[k] - 1, k)
 
 
 def test_is_audio_token_bounds():
@@ -52,14 +59,14 @@ def test_is_audio_token_bounds():
     assert not fmt.is_audio_token(fmt.END_OF_SPEECH)
 
 
-def test_frame_to_codes_hand_vector():
+def test_frame_codes_hand_vector():
     """A frame of ids decodes to its codes in frame order, code 0 included."""
     frame = [128266, 132362 + 7, 136458 + 4095, 140554 + 1, 144650 + 100, 148746 + 0, 152842 + 2048]
-    assert fmt.frame_to_codes(frame).tolist() == [0, 7, 4095, 1, 100, 0, 2048]
+    assert fmt.frame_codes(frame).tolist() == [[0, 7, 4095, 1, 100, 0, 2048]]
     with pytest.raises(ValueError):
-        fmt.frame_to_codes(frame[:6])
+        fmt.frame_codes(frame[:6])
     with pytest.raises(ValueError):
-        fmt.frame_to_codes([frame[1], *frame[1:]])  # a position-1 token at position 0
+        fmt.frame_codes([frame[1], *frame[1:]])  # a position-1 token at position 0
 
 
 def test_frames_to_snac_codes_hand_vector():
@@ -78,9 +85,9 @@ def test_codes_to_tokens_hand_vector():
     """Frame-ordered codes become ids with each position's offset."""
     assert fmt.codes_to_tokens(np.array([[0, 0, 0, 0, 0, 0, 0]])) == FIRST
     assert fmt.codes_to_tokens(np.full((1, 7), 4095)) == LAST
-    assert fmt.tokens_to_codes([]).shape == (0, 7)
+    assert fmt.frame_codes([]).shape == (0, 7)
     with pytest.raises(ValueError):
-        fmt.tokens_to_codes(FIRST[:6])
+        fmt.frame_codes(FIRST[:6])
 
 
 @given(arrays(np.int64, st.tuples(st.integers(0, 20), st.just(7)), elements=st.integers(0, 4095)))
@@ -88,7 +95,7 @@ def test_round_trip_codes_tokens_codes(frames):
     """codes -> tokens -> codes and frames -> SNAC codebooks -> frames are identities."""
     tokens = fmt.codes_to_tokens(frames)
     assert len(tokens) == 7 * len(frames) and all(fmt.is_audio_token(t) for t in tokens)
-    assert np.array_equal(fmt.tokens_to_codes(tokens), frames)
+    assert np.array_equal(fmt.frame_codes(tokens), frames)
     l0, l1, l2 = fmt.frames_to_snac_codes(frames)
     assert (len(l0), len(l1), len(l2)) == (len(frames), 2 * len(frames), 4 * len(frames))
     assert np.array_equal(fmt.snac_codes_to_frames(l0, l1, l2).reshape(-1, 7), frames)
@@ -111,7 +118,8 @@ def test_build_prompt_without_voice(tok):
 
 
 @pytest.mark.parametrize(
-    "text", ["Hello <|eot_id|> there", "<custom_token_2>", "a <custom_token_3><|begin_of_text|>b", "<custom_token_30000>"]
+    "text",
+    ["Hello <|eot_id|> there", "<custom_token_2>", "a <custom_token_3><|begin_of_text|>b", "<custom_token_30000>"],
 )
 def test_build_prompt_keeps_special_token_spellings_as_text(tok, text):
     """Text that spells a special token never becomes one: no forged turn, stop or audio token."""
@@ -123,5 +131,5 @@ def test_build_prompt_keeps_special_token_spellings_as_text(tok, text):
 
 def test_voices_and_tags():
     """The eight English voices and eight emotion tags from the Orpheus README."""
-    assert fmt.VOICES == ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
+    assert VoiceConfig().available == ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
     assert len(fmt.EMOTION_TAGS) == 8 and "<laugh>" in fmt.EMOTION_TAGS

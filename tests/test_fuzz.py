@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import load_config
-from pipecat_orpheus.wire.server import serve
 from pipecat_orpheus.speech import load_synthesizer
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.server import serve
 from tests.reliability_helpers import TEXT, UPGRADE, tiny_overrides
 
 MESSAGE_LIMIT, FRAME_LIMIT = 1024, 4096  # limits.max_message_bytes / max_frame_bytes of this module's server

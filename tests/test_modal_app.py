@@ -21,11 +21,10 @@ import websockets
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import Config, ModelConfig, load_config
 from pipecat_orpheus.testing import tiny_model_overrides
-from tests.helpers import load_script
-from tests.test_voice_agent import bot, llm_reply, run_agent, whisper_dir, whisper_flags  # noqa: F401 (fixtures)
+from pipecat_orpheus.wire import protocol as p
+from tests.helpers import bot, llm_reply, load_script, run_agent, whisper_dir, whisper_flags  # noqa: F401 (fixtures)
 
 pytest.importorskip("modal", reason="modal is not installed: pip install -e '.[modal]'")
 

@@ -23,7 +23,7 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.speech import Synthesizer
-from tests.test_service import (
+from tests.helpers import (
     LONG_TOKENS,
     MAX_TOKENS,
     MODES,

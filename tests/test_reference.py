@@ -10,12 +10,23 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.request import SamplingParams
-from pipecat_orpheus.errors import ConfigError, EngineBusy, RequestCancelled
-from pipecat_orpheus.reference import ReferenceSynthesizer, allowed_tokens, audio_constraint, generate_tokens
+from pipecat_orpheus.errors import EngineBusy, InvalidRequest, RequestCancelled
+from pipecat_orpheus.reference import ReferenceSynthesizer, allowed_tokens, generate_tokens
+from pipecat_orpheus.speech import open_backend, speech_for
 from pipecat_orpheus.testing import tiny_model_overrides
 from pipecat_orpheus.text import split_text
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=3)
+
+
+def audio_constraint(scores: torch.Tensor, position: int) -> torch.Tensor:
+    """The oracle: scores (1, V) with every token not allowed at frame position `position` set to -inf."""
+    start, end = fmt.allowed_token_range(position)
+    out = torch.full_like(scores, float("-inf"))  # (1, V)
+    out[:, start:end] = scores[:, start:end]
+    if position == 0:  # speech may only end between frames
+        out[:, fmt.END_OF_SPEECH] = scores[:, fmt.END_OF_SPEECH]
+    return out
 
 
 def make_config(tiny_model_dir, **overrides):
@@ -32,8 +43,8 @@ def make_config(tiny_model_dir, **overrides):
 def synth(tiny_models, tiny_model_dir):
     llm, tok, snac = tiny_models
     config = make_config(tiny_model_dir, **{"engine.max_queue": 1, "engine.max_chars_per_piece": 30})
-    s = ReferenceSynthesizer(llm, tok, SnacCodec(snac, config.codec, "cpu"), config=config)
-    yield s
+    s = ReferenceSynthesizer(llm, tok, SnacCodec(snac, config.codec, "cpu"), config=config.engine)
+    yield speech_for(s, config)
     s.close()
 
 
@@ -151,7 +162,7 @@ async def test_audio_length_matches_frames(synth, tiny_models):
     assert len(chunks) > 1 and all(c.dtype == np.float32 and c.ndim == 1 for c in chunks)
     audio = np.concatenate(chunks)
     assert len(audio) == frames * fmt.SAMPLES_PER_FRAME
-    offline = synth.codec.decode_frames(fmt.tokens_to_codes(tokens[: frames * 7]), seed=GREEDY.seed)
+    offline = synth.backend.codec.decode_frames(fmt.frame_codes(tokens[: frames * 7]), seed=GREEDY.seed)
     snr = 10 * np.log10(np.sum(offline**2) / max(np.sum((audio - offline) ** 2), 1e-20))
     assert snr > 30, snr  # contiguous: no gaps, repeats or reordering between chunks
 
@@ -171,7 +182,7 @@ async def test_long_text_streams_as_one_utterance(synth, tiny_models):
     """Text past max_chars_per_piece is split into pieces, spoken in order into one stream, one codec stream."""
     llm, tok, _ = tiny_models
     text = "The first sentence is here. A second one follows it. And a third ends it."
-    pieces = split_text(text, synth.config.engine.max_chars_per_piece)
+    pieces = split_text(text, synth.max_chars_per_piece)
     assert len(pieces) == 3
     tokens = []
     for piece in pieces:
@@ -179,7 +190,7 @@ async def test_long_text_streams_as_one_utterance(synth, tiny_models):
         tokens += t[: len(t) // 7 * 7]
     audio = await synth.submit(text, sampling=GREEDY).read_all()
     assert len(audio) == len(tokens) // 7 * fmt.SAMPLES_PER_FRAME
-    offline = synth.codec.decode_frames(fmt.tokens_to_codes(tokens), seed=GREEDY.seed)
+    offline = synth.backend.codec.decode_frames(fmt.frame_codes(tokens), seed=GREEDY.seed)
     assert np.allclose(audio, offline, atol=1e-3)
 
 
@@ -210,24 +221,29 @@ async def test_busy_past_queue_bound(synth):
 
 
 async def test_unknown_voice_and_close(tiny_models, tiny_model_dir):
-    """An unknown voice is a ConfigError; close() ends queued streams with RequestCancelled."""
+    """An unknown voice is an InvalidRequest; close() ends queued streams with RequestCancelled."""
     llm, tok, snac = tiny_models
     config = make_config(tiny_model_dir)
-    s = ReferenceSynthesizer(llm, tok, SnacCodec(snac, config.codec, "cpu"), config=config)
-    with pytest.raises(ConfigError, match="voice"):
+    reference = ReferenceSynthesizer(llm, tok, SnacCodec(snac, config.codec, "cpu"), config=config.engine)
+    s = speech_for(reference, config)
+    with pytest.raises(InvalidRequest, match="voice") as e:
         s.submit("Hi.", voice="nobody")
+    assert e.value.field == "voice" and e.value.code == "bad_request"
     long = SamplingParams(max_tokens=2000, seed=1)
     first, second = s.submit("One.", sampling=long), s.submit("Two.", sampling=long)
     await asyncio.to_thread(s.close)
     for stream in (first, second):
         with pytest.raises(RequestCancelled):
             await stream.read_all()
-    assert not s._worker.is_alive()
+    assert not reference._worker.is_alive()
 
 
-async def test_from_config_loads_through_loader(tiny_model_dir):
-    """from_config loads the tiny model from local paths and speaks."""
-    s = ReferenceSynthesizer.from_config(make_config(tiny_model_dir))
+async def test_open_backend_loads_through_loader(tiny_model_dir):
+    """open_backend loads the tiny model from local paths into the reference path (engine.backend), which speaks."""
+    config = make_config(tiny_model_dir)
+    backend = open_backend(config)
+    assert isinstance(backend, ReferenceSynthesizer)
+    s = speech_for(backend, config)
     try:
         audio = await s.submit("Hi.", sampling=GREEDY).read_all()
         assert len(audio) % fmt.SAMPLES_PER_FRAME == 0 and len(audio) > 0

@@ -7,8 +7,8 @@ from websockets.asyncio.client import connect
 
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import serve
+from tests.helpers import http_get
 from tests.reliability_helpers import KEY, UPGRADE, config, idle, synth, utterance  # noqa: F401 (fixtures)
-from tests.test_server import http_get
 
 H, B = "kyutai-api-key", "Authorization"
 REFUSED = {

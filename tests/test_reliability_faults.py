@@ -16,12 +16,13 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.cli import USER_ERROR_EXIT, main
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine.runner import check_kv_fits
 from pipecat_orpheus.errors import ModelLoadError
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import OrpheusServer, serve
+from tests.helpers import Restart, http_get, messages, of, pack, samples, speak, until, with_
 from tests.reliability_helpers import (  # noqa: F401 (fixtures)
     LONG,
     config,
@@ -32,8 +33,6 @@ from tests.reliability_helpers import (  # noqa: F401 (fixtures)
     tiny_overrides,
     utterance,
 )
-from tests.test_server import http_get, messages, pack, until, with_
-from tests.test_service import Restart, of, samples, speak
 
 POISON = "\U0001f600" * 150  # 150 chars but 4 byte-tokens each: its prompt (~610) cannot fit a 512-token slot
 
@@ -41,14 +40,14 @@ KILLED_CLIENT = Path(__file__).resolve().parent / "killed_client.py"  # speaks, 
 
 
 async def test_a_failing_request_fails_alone(config, synth, expected):
-    """A text whose prompt cannot fit a slot fails alone with Error{internal} naming the key; the rest goes on."""
+    """A text whose prompt cannot fit a slot fails alone with Error{bad_request} naming the key; the rest goes on."""
     async with serve(config, synth, port=0, api_keys=[]) as server:
         async with connect(server.url) as ws:
             await ws.recv()
             other = asyncio.create_task(good_client(server.url, 3))
             await ws.send(pack(type="Speak", text=POISON, id="bad"))
             error = p.decode_server(await ws.recv())
-            assert (error.type, error.code, error.id) == ("Error", "internal", "bad")
+            assert (error.type, error.code, error.id) == ("Error", "bad_request", "bad")
             assert "engine.max_tokens_per_slot" in error.message
             assert (await utterance(ws, "ok"))[0] == expected
             assert await other == [expected] * 3
@@ -73,7 +72,7 @@ class FailsMidStream:
             def put_then_fail(pcm):
                 put(pcm)
                 stream.finish(RuntimeError("injected device fault"))
-                self.engine.cancel(stream.request_id)
+                self.engine.backend.cancel(stream.request_id)
 
             stream.put = put_then_fail
         return stream

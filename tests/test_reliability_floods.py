@@ -6,10 +6,11 @@ import time
 
 from websockets.asyncio.client import connect
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import serve
 from pipecat_orpheus.wire.session import Abort, Session
+from tests.helpers import messages, pack, until, with_
 from tests.reliability_helpers import (  # noqa: F401 (fixtures)
     KEY,
     LONG,
@@ -22,7 +23,6 @@ from tests.reliability_helpers import (  # noqa: F401 (fixtures)
     synth,
     utterance,
 )
-from tests.test_server import messages, pack, until, with_
 
 
 async def test_connection_flood_gets_busy_and_the_server_goes_on(config, synth):

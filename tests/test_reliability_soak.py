@@ -10,8 +10,8 @@ from websockets.asyncio.client import connect
 
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import serve
+from tests.helpers import pack
 from tests.reliability_helpers import LONG, TEXT, config, idle, synth  # noqa: F401 (fixtures)
-from tests.test_server import pack
 
 
 def rss_mib():

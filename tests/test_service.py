@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from pipecat.frames.frames import (
-    DataFrame,
     ErrorFrame,
     Frame,
     InterruptionFrame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-    LLMTextFrame,
     MetricsFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
@@ -27,152 +20,37 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.tests.utils import SleepFrame
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.wire.client import OrpheusClient
-from pipecat_orpheus.config import Config, load_config
+from pipecat_orpheus.config import Config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.pcm import float_to_pcm16_bytes
-from pipecat_orpheus.wire.server import OrpheusServer, serve
 from pipecat_orpheus.service import OrpheusTTSService, OrpheusTTSSettings
 from pipecat_orpheus.speech import Synthesizer, load_synthesizer
-from pipecat_orpheus.testing import tiny_model_overrides
-
-MAX_TOKENS = 28  # 4 frames (341 ms) per sentence: enough to stream several chunks, quick on CPU
-LONG_TOKENS = 1960  # 280 frames (24 s): still generating when the interruption lands, even on a fast CPU
-START_TIMEOUT_S = 60.0  # the first test of the session loads the tiny model inside StartFrame
-PROBE_S = 0.5  # a cancelled request must leave the engine this soon (it stops at its next token)
-MODES = ("local", "remote")
-
-
-def tiny_config(model_dir: Path, **overrides: object) -> Config:
-    """The tiny model on the reference path, short sentences, reproducible sampling."""
-    return load_config(
-        overrides={
-            "engine.backend": "reference",
-            **tiny_model_overrides(model_dir),
-            "sampling.max_tokens": MAX_TOKENS,
-            "sampling.seed": 7,
-            "engine.max_slots": 1,  # one request at a time and no queue: a second one is refused (busy test)
-            "engine.max_queue": 0,
-            **overrides,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir: Path) -> Config:
-    """Config of the tiny model, reference backend."""
-    return tiny_config(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def synth(config: Config) -> Synthesizer:
-    """The process-wide shared synthesizer both modes end up on (loaded here once)."""
-    return load_synthesizer(config)
-
-
-@asynccontextmanager
-async def orpheus_server(config: Config, **kwargs: object) -> AsyncIterator[OrpheusServer]:
-    """Our server on a free loopback port, speaking from the shared synthesizer; open unless api_keys given."""
-    kwargs.setdefault("api_keys", [])
-    async with serve(config, load_synthesizer(config), host="127.0.0.1", port=0, **kwargs) as server:
-        yield server
-
-
-@asynccontextmanager
-async def orpheus_tts(
-    mode: str, config: Config, **kwargs: object
-) -> AsyncIterator[tuple[OrpheusTTSService, OrpheusServer | None]]:
-    """A service in `mode` (and its server); remote runs against a real server whose sampling is `config`'s."""
-    if mode == "local":
-        yield OrpheusTTSService(config=config, **kwargs), None
-        return
-    async with orpheus_server(config) as server:
-        yield OrpheusTTSService(config=config, url=server.url, **kwargs), server
-
-
-async def speak(
-    processor: FrameProcessor, frames: Sequence[Frame], *, rate: int = fmt.SAMPLE_RATE, metrics: bool = False
-) -> tuple[list[Frame], list[Frame]]:
-    """Run `frames` through the processor in a pipeline whose output rate is `rate`."""
-    params = PipelineParams(audio_out_sample_rate=rate, enable_metrics=metrics, enable_usage_metrics=metrics)
-    down, up = await run_test(processor, frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S)
-    return list(down), list(up)
-
-
-def of(frames: Sequence[Frame], kind: type) -> list:
-    """The frames of one type, in order."""
-    return [f for f in frames if isinstance(f, kind)]
-
-
-def index(frames: Sequence[Frame], kind: type, last: bool = False) -> int:
-    """Position of the first (or last) frame of a type."""
-    hits = [i for i, f in enumerate(frames) if isinstance(f, kind)]
-    assert hits, f"no {kind.__name__} in {[type(f).__name__ for f in frames]}"
-    return hits[-1] if last else hits[0]
-
-
-def samples(frames: Sequence[Frame]) -> int:
-    """Total 16-bit samples in the audio frames."""
-    return sum(len(f.audio) // 2 for f in of(frames, TTSAudioRawFrame))
-
-
-def assert_whole_frames(n: int, max_tokens: int = MAX_TOKENS) -> int:
-    """`n` 24 kHz samples are 1..max_tokens/7 whole SNAC frames; return the count."""
-    frames, rest = divmod(n, fmt.SAMPLES_PER_FRAME)
-    assert rest == 0 and 1 <= frames <= max_tokens // fmt.FRAME_TOKENS, n
-    return frames
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    """Whether `condition` becomes true within `timeout_s`."""
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return condition()
-
-
-def idle(synth: Synthesizer) -> bool:
-    """The engine holds no request."""
-    return synth.active_requests == 0 and synth.queued_requests == 0
-
-
-async def wait_idle(synth: Synthesizer) -> None:
-    """Wait until the engine holds no request (a cancel frees the slot at its next step)."""
-    assert await eventually(lambda: idle(synth)), f"engine busy: {synth.active_requests} active"
-
-
-def llm_reply(*tokens: str) -> list[Frame]:
-    """The frames an LLM service pushes for one streamed reply."""
-    return [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in tokens), LLMFullResponseEndFrame()]
-
-
-@dataclass
-class Restart(DataFrame):
-    """Test marker: the server goes down and comes back here."""
-
-
-class EngineProbe(FrameProcessor):
-    """Passes frames on; at an InterruptionFrame, notes whether the engine frees up while the pipeline still runs."""
-
-    def __init__(self, synth: Synthesizer, server: OrpheusServer | None = None):
-        super().__init__()
-        self.synth, self.server = synth, server
-        self.freed: bool | None = None
-        self.streams_open: int | None = None
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if isinstance(frame, InterruptionFrame):
-            self.freed = await eventually(lambda: idle(self.synth), timeout_s=PROBE_S)
-            self.streams_open = self.server.open_streams if self.server else None
-        await self.push_frame(frame, direction)
-
+from pipecat_orpheus.wire.client import OrpheusClient
+from pipecat_orpheus.wire.server import OrpheusServer
+from tests.helpers import (
+    LONG_TOKENS,
+    MAX_TOKENS,
+    MODES,
+    PROBE_S,
+    EngineProbe,
+    Restart,
+    assert_whole_frames,
+    config,  # noqa: F401 (a fixture)
+    index,
+    llm_reply,
+    of,
+    orpheus_server,
+    orpheus_tts,
+    samples,
+    speak,
+    synth,  # noqa: F401 (a fixture)
+    tiny_config,
+    wait_idle,
+)
 
 # -- both modes ---------------------------------------------------------------------------------
 
@@ -310,7 +188,7 @@ async def test_local_bad_model_path_is_an_error_frame(tiny_model_dir: Path, tmp_
 
 async def test_local_busy_engine_is_an_error_frame(tiny_model_dir: Path) -> None:
     """An engine with no free slot and no queue refuses at once: an ErrorFrame, and the service stays usable."""
-    config = tiny_config(tiny_model_dir)
+    config = tiny_config(tiny_model_dir, **{"engine.max_queue": 0})
     busy = load_synthesizer(config)  # one slot, no queue
     blocker = busy.submit("I hold the only slot.", sampling=SamplingParams(max_tokens=LONG_TOKENS))
     try:

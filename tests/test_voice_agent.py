@@ -30,25 +30,26 @@ import yaml
 from pipecat.frames.frames import (
     Frame,
     InterruptionFrame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-    LLMTextFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
 )
-from pipecat.pipeline.worker import PipelineParams
-from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.filters.identity_filter import IdentityFilter
-from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.tests.utils import SleepFrame
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.speech import load_synthesizer
-from tests.helpers import load_script
+from tests.helpers import (  # noqa: F401 (fixtures)
+    BOT_PATH,
+    bot,
+    llm_reply,
+    load_bot,
+    run_agent,
+    whisper_dir,
+    whisper_flags,
+)
 
-BOT_PATH = Path(__file__).resolve().parent.parent / "examples" / "voice_agent" / "bot.py"
 SHORT_TOKENS = 28  # 4 SNAC frames per sentence: a whole reply in well under a second on CPU
 LONG_TOKENS = 2000  # a sentence still generating when the interruption lands (~24 s of audio)
 FIRST_AUDIO_WAIT_S = 3.0  # first audio before the barge-in: ~0.2 s on an idle CPU, 10x slower under load
@@ -56,37 +57,6 @@ START_TIMEOUT_S = 60.0  # the first pipeline of the session may load the tiny mo
 RUNNER_START_TIMEOUT_S = 90.0  # the runner imports Pipecat, then preloads the tiny Orpheus
 LOUD = 200  # int16 magnitude above which a received sample is not the transport's silence
 REPLY = ("Oh, hello there! ", "<laugh> ", "It is nice ", "to meet you.")
-
-
-def load_bot() -> ModuleType:
-    """Import examples/voice_agent/bot.py as a module (it is a script, not a package)."""
-    return load_script(BOT_PATH, "voice_agent_bot")
-
-
-@pytest.fixture(scope="module")
-def bot() -> ModuleType:
-    """The example bot module."""
-    return load_bot()
-
-
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
-    """A tiny random Whisper in faster-whisper's CTranslate2 format (noise, made offline); None without the extra."""
-    if importlib.util.find_spec("faster_whisper") is None:
-        return None
-    from ctranslate2.converters import TransformersConverter
-    from tokenizers import Tokenizer, models
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("whisper")
-    dims = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
-    heads = {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
-    # 51864 tokens: the English-only Whisper vocabulary, so the model reports language "en".
-    WhisperForConditionalGeneration(WhisperConfig(vocab_size=51864, **dims, **heads)).save_pretrained(root / "hf")
-    TransformersConverter(str(root / "hf")).convert(str(root / "ct2"))
-    # faster-whisper fetches a tokenizer from the hub unless the model directory has one.
-    Tokenizer(models.WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(root / "ct2/tokenizer.json"))
-    return root / "ct2"
 
 
 def write_config(path: Path, model_dir: Path, max_tokens: int) -> Path:
@@ -109,18 +79,6 @@ def agent_argv(config: Path, whisper: Path | None) -> list[str]:
     ]
 
 
-def whisper_flags(whisper: Path | None) -> list[str]:
-    """The flags that point the bot's Whisper at the tiny model (none without the example extra)."""
-    if whisper is None:
-        return []
-    return ["--whisper-model", str(whisper), "--whisper-device", "cpu", "--whisper-compute-type", "float32"]
-
-
-def llm_reply(*tokens: str) -> list[Frame]:
-    """The frames an LLM service pushes for one streamed reply."""
-    return [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in tokens), LLMFullResponseEndFrame()]
-
-
 def audio_frames(frames: list[Frame]) -> list[TTSAudioRawFrame]:
     """The audio frames, in order."""
     return [f for f in frames if isinstance(f, TTSAudioRawFrame)]
@@ -131,26 +89,6 @@ def first(frames: list[Frame], kind: type) -> int:
     hits = [i for i, f in enumerate(frames) if isinstance(f, kind)]
     assert hits, f"no {kind.__name__} in {[type(f).__name__ for f in frames]}"
     return hits[0]
-
-
-async def run_agent(
-    bot: ModuleType, argv: list[str], frames: list[Frame], *, whisper: bool
-) -> tuple[list[Frame], LLMContext]:
-    """Run the bot's own pipeline, built from its own services, with identity transports at both ends.
-
-    Without the example extra (no faster-whisper), a pass-through holds Whisper's place: the STT
-    only ever sees text frames here, and the services test skips with the reason.
-    """
-    options = bot.parse_options(argv, environ={})
-    if whisper:
-        services = bot.create_services(options)
-    else:
-        services = bot.Services(stt=IdentityFilter(), llm=bot.create_llm(options), tts=bot.create_tts(options))
-    context = LLMContext()
-    pipeline = bot.build_pipeline(IdentityFilter(), IdentityFilter(), services=services, context=context)
-    params = PipelineParams(audio_out_sample_rate=fmt.SAMPLE_RATE)
-    down, _ = await run_test(pipeline, frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S)
-    return list(down), context
 
 
 async def wait_idle(config_path: Path, timeout_s: float = 10.0) -> None:

@@ -34,7 +34,7 @@ from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.workers.runner import WorkerRunner
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.config import load_config
+from pipecat_orpheus.config import VoiceConfig, load_config
 from pipecat_orpheus.service import OrpheusTTSService
 
 SYSTEM_PROMPT = (
@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] = 
     group.add_argument("--orpheus-url", default=env("ORPHEUS_URL"), help="ws(s)://.../api/tts_streaming")
     group.add_argument("--orpheus-api-key", default=env("ORPHEUS_API_KEY"), help="the Orpheus server's API key")
     group.add_argument("--orpheus-config", default=env("ORPHEUS_CONFIG"), help="orpheus_config.yaml (local mode)")
-    group.add_argument("--voice", default=env("ORPHEUS_VOICE", fmt.VOICES[0]), choices=fmt.VOICES)
+    voices = VoiceConfig()  # Orpheus's own voices; the service checks the voice against the loaded config too
+    group.add_argument("--voice", default=env("ORPHEUS_VOICE", voices.default), choices=voices.available)
     group.add_argument("--llm-model", default=env("LLM_MODEL", "gpt-4.1-mini"))
     group.add_argument("--llm-base-url", default=env("LLM_BASE_URL"), help="e.g. http://localhost:11434/v1")
     group.add_argument("--llm-api-key", default=env("LLM_API_KEY") or env("OPENAI_API_KEY"))

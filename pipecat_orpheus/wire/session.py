@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from loguru import logger
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
-from pipecat_orpheus.errors import EngineBusy, ProtocolError
+from pipecat_orpheus.errors import EngineBusy, InvalidRequest, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
 from pipecat_orpheus.pcm import PcmFramer
 from pipecat_orpheus.text import SentenceBuffer, split_text, word_timings
+from pipecat_orpheus.wire import protocol as p
 
 NORMAL_CLOSURE = 1000  # RFC 6455: done, after Eos
 POLICY_VIOLATION = 1008  # RFC 6455: the client broke a rule (stopped reading)
@@ -200,7 +200,7 @@ class Session:
             self._abort_slow_client(f"over limits.max_unsent_audio_s ({self.limits.max_unsent_audio_s} s) unsent")
 
     def finished(self, key: int, error: BaseException | None = None) -> None:
-        """Piece `key` ended: normally (None), refused (`EngineBusy`) or failed."""
+        """Piece `key` ended: normally (None), refused (`EngineBusy`, `InvalidRequest`) or failed."""
         piece = self._current
         if self.closed or piece is None or piece.key != key:
             return
@@ -214,8 +214,9 @@ class Session:
             if piece.last and piece.id is not None:
                 self._send(p.Done(piece.id), piece)
         else:
-            code = error.code if isinstance(error, EngineBusy) else "internal"
-            if not isinstance(error, EngineBusy):
+            refused = isinstance(error, (EngineBusy, InvalidRequest))  # the request's fault or capacity, not ours
+            code = error.code if refused else "internal"
+            if not refused:
                 logger.opt(exception=error).error(f"{self}: piece {key} failed")
             self._send(p.Error(f"synthesis failed: {error}", code=code, id=piece.id))
             self._drop(lambda q: q.utterance == piece.utterance)  # the rest of a failed utterance

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.codec.feed import decode_wait_s
 from pipecat_orpheus.codec.stream import CodecStream
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
-from pipecat_orpheus.engine.engine import decode_wait_s
 from pipecat_orpheus.errors import EngineBusy, RequestCancelled
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.noise import noise_key
 from pipecat_orpheus.reference import ReferenceSynthesizer
+from pipecat_orpheus.speech import speech_for
 from pipecat_orpheus.testing import tiny_model_overrides
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=5)
@@ -24,6 +25,7 @@ def make_config(tiny_model_dir, **overrides):
         "engine.max_slots": 3,
         "engine.max_tokens_per_slot": 160,
         "engine.prefill_chunk_tokens": 16,
+        "engine.prefill_tokens_while_decoding": 16,  # at most prefill_chunk_tokens
         "engine.max_chars_per_piece": 60,
         "sampling.max_tokens": 35,
     }
@@ -33,7 +35,7 @@ def make_config(tiny_model_dir, **overrides):
 
 def make_engine(tiny_models, config) -> OrpheusEngine:
     llm, tokenizer, snac = tiny_models
-    return OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config)
+    return OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config.engine)
 
 
 async def test_greedy_audio_matches_reference_with_staggered_joins(tiny_models, tiny_model_dir):
@@ -44,16 +46,19 @@ async def test_greedy_audio_matches_reference_with_staggered_joins(tiny_models, 
     config = make_config(tiny_model_dir)
     llm, tokenizer, snac = tiny_models
     texts = ["hello there", LONG_TEXT, "hi"]
-    reference = ReferenceSynthesizer(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config)
+    reference = speech_for(
+        ReferenceSynthesizer(llm, tokenizer, SnacCodec(snac, config.codec, "cpu"), config=config.engine), config
+    )
     try:
         expected = [await reference.submit(t, sampling=GREEDY).read_all() for t in texts]
     finally:
         reference.close()
     engine = make_engine(tiny_models, config)
+    speech = speech_for(engine, config)
     try:
-        first = engine.submit(texts[0], sampling=GREEDY)
+        first = speech.submit(texts[0], sampling=GREEDY)
         chunk = await first.__anext__()  # the batch is running when the others join
-        rest = [engine.submit(t, sampling=GREEDY) for t in texts[1:]]
+        rest = [speech.submit(t, sampling=GREEDY) for t in texts[1:]]
         got = [np.concatenate([chunk, await first.read_all()])] + list(
             await asyncio.gather(*(s.read_all() for s in rest))
         )
@@ -70,12 +75,14 @@ async def test_greedy_audio_matches_reference_with_staggered_joins(tiny_models, 
 
 async def test_full_engine_raises_busy_and_cancel_frees_slot(tiny_models, tiny_model_dir):
     """With every slot and queue place taken submit fails fast; cancelling a live stream lets a waiting one run."""
-    engine = make_engine(tiny_models, make_config(tiny_model_dir, **{"engine.max_slots": 1, "engine.max_queue": 1}))
+    config = make_config(tiny_model_dir, **{"engine.max_slots": 1, "engine.max_queue": 1})
+    engine = make_engine(tiny_models, config)
+    speech = speech_for(engine, config)
     try:
-        live = engine.submit("one", sampling=GREEDY)
-        waiting = engine.submit("two", sampling=GREEDY)
+        live = speech.submit("one", sampling=GREEDY)
+        waiting = speech.submit("two", sampling=GREEDY)
         with pytest.raises(EngineBusy):
-            engine.submit("three", sampling=GREEDY)
+            speech.submit("three", sampling=GREEDY)
         assert (engine.active_requests, engine.queued_requests) == (1, 1)
         live.cancel()
         audio = await asyncio.wait_for(waiting.read_all(), timeout=60)
@@ -101,9 +108,10 @@ async def test_codec_failure_fails_the_request_and_frees_its_slot(tiny_models, t
     llm, tokenizer, snac = tiny_models
     codec = FailingCodec(snac, config.codec, "cpu")
     codec.fail_key = noise_key(11)
-    engine = OrpheusEngine(llm, tokenizer, codec, config=config)
+    engine = OrpheusEngine(llm, tokenizer, codec, config=config.engine)
     try:
-        stream = engine.submit("one", sampling=SamplingParams(max_tokens=1050, min_tokens=1050, seed=11))
+        sampling = SamplingParams(max_tokens=1050, min_tokens=1050, seed=11)
+        stream = speech_for(engine, config).submit("one", sampling=sampling)
         with pytest.raises(RuntimeError, match="injected"):
             await asyncio.wait_for(stream.read_all(), timeout=60)
         for _ in range(200):
@@ -117,9 +125,11 @@ async def test_codec_failure_fails_the_request_and_frees_its_slot(tiny_models, t
 
 async def test_explicit_cancel_and_close_end_streams_with_request_cancelled(tiny_models, tiny_model_dir):
     """`cancel(request_id)` and `close()` end in-flight streams with RequestCancelled."""
-    engine = make_engine(tiny_models, make_config(tiny_model_dir, **{"sampling.max_tokens": 140}))
-    a = engine.submit("one")
-    b = engine.submit("two")
+    config = make_config(tiny_model_dir, **{"sampling.max_tokens": 140})
+    engine = make_engine(tiny_models, config)
+    speech = speech_for(engine, config)
+    a = speech.submit("one")
+    b = speech.submit("two")
     engine.cancel(a.request_id)
     with pytest.raises(RequestCancelled):
         await asyncio.wait_for(a.read_all(), timeout=60)
@@ -149,7 +159,8 @@ def test_deadline_timing_delivers_every_frame_before_playback_reaches_it(seed):
 
 async def test_engine_times_frames_against_their_deadlines(tiny_models, tiny_model_dir):
     """Once a step is measured, each frame reaches its codec stream with the time and the wait a held-back one costs."""
-    engine = make_engine(tiny_models, make_config(tiny_model_dir))
+    config = make_config(tiny_model_dir)
+    engine = make_engine(tiny_models, config)
     pushes = []
 
     class Recording(CodecStream):
@@ -159,7 +170,7 @@ async def test_engine_times_frames_against_their_deadlines(tiny_models, tiny_mod
 
     engine.codec.open_stream = lambda seed: Recording(0, 2, 2)
     try:
-        await engine.submit("one", sampling=GREEDY).read_all()
+        await speech_for(engine, config).submit("one", sampling=GREEDY).read_all()
         margin = engine.codec.config.step_margin
         assert len(pushes) == GREEDY.max_tokens // 7 and all(set(p) == {"now", "wait_s"} for p in pushes)
         assert [p["now"] for p in pushes] == sorted(p["now"] for p in pushes)

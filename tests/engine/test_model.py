@@ -80,16 +80,14 @@ def test_chunked_prefill_and_decode_match_transformers(llm):
     # two chunks for the first prompt (the second chunk attends to the first through the cache)
     split = 6
     with torch.inference_mode():
-        lm.prefill(
-            torch.tensor(prompts[0][:split]), torch.arange(split), torch.full((split,), 1), k_cache, v_cache,
-            max_len=split,
-        )  # fmt: skip
+        first_chunk = torch.tensor(prompts[0][:split])
+        lm.forward(first_chunk, torch.arange(split), torch.full((split,), 1), k_cache, v_cache, split, False)
         # one flat step: the rest of prompt 0 (slot 1), all of prompt 1 (slot 0), two padding tokens (dummy slot 2)
         rest = prompts[0][split:]
         ids = torch.tensor([*rest, *prompts[1], 0, 0])  # (T,)
         pos = torch.tensor([*range(split, len(prompts[0])), *range(len(prompts[1])), 0, 0])  # (T,)
         tok_slots = torch.tensor([1] * len(rest) + [0] * len(prompts[1]) + [2, 2])  # (T,)
-        hidden = lm.prefill(ids, pos, tok_slots, k_cache, v_cache, max_len=len(prompts[0]))  # (T, H)
+        hidden = lm.forward(ids, pos, tok_slots, k_cache, v_cache, len(prompts[0]), False)  # (T, H)
         last = lm.head_logits(hidden[[len(rest) - 1, len(rest) + len(prompts[1]) - 1]])  # (2, head rows)
         nxt = torch.tensor([fmt.audio_token(0, 7), fmt.audio_token(0, 9)])
         positions = torch.tensor([len(prompts[0]), len(prompts[1])])
@@ -123,7 +121,7 @@ def test_fused_decode_kernels_match_plain_decode(llm):
     logits = []
     with torch.inference_mode():
         for (kc, vc), fused in zip(caches, (False, True), strict=False):
-            lm.prefill(torch.tensor(prompt), torch.arange(n), slots.repeat(n), kc, vc, max_len=n, use_triton=fused)
+            lm.forward(torch.tensor(prompt), torch.arange(n), slots.repeat(n), kc, vc, n, fused)
             nxt = torch.tensor([fmt.audio_token(0, 3)])
             logits.append(lm.head_logits(lm.forward(nxt, torch.tensor([n]), slots, kc, vc, n + 1, fused)))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -7,9 +7,10 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.engine.model import OrpheusLM
 from pipecat_orpheus.engine.request import Request, SamplingParams
-from pipecat_orpheus.engine.runner import ModelRunner, check_kv_fits, graph_ladder
+from pipecat_orpheus.engine.runner import ModelRunner, check_kv_fits
 from pipecat_orpheus.engine.scheduler import Scheduler
 from pipecat_orpheus.errors import ModelLoadError
+from pipecat_orpheus.graphs import step_buckets
 from pipecat_orpheus.loader import load_llm
 from pipecat_orpheus.reference import generate_tokens
 
@@ -32,12 +33,12 @@ def make(model, slots=3, chunk=8):
     return runner, scheduler
 
 
-def test_graph_ladder_covers_every_batch_size():
+def test_step_buckets_cover_every_batch_size():
     """The ladder starts at 1, ends at the slot count, is increasing, and has a bucket for every batch size."""
     for slots in (1, 3, 8, 100, 256, 300):
-        ladder = graph_ladder(slots)
+        ladder = step_buckets(slots)
         assert ladder[0] == 1 and ladder[-1] == slots and ladder == sorted(set(ladder))
-    assert graph_ladder(256)[:6] == [1, 2, 4, 8, 16, 32]
+    assert step_buckets(256)[:6] == [1, 2, 4, 8, 16, 32]
 
 
 def test_kv_cache_that_does_not_fit_names_the_keys():
@@ -122,9 +123,9 @@ def test_fp8_kv_cache_halves_memory_and_stays_close(setup):
         assert runner.k_cache.dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.float32)
         n = len(prompts[1])
         with torch.inference_mode():
-            hidden = lm.prefill(
+            hidden = lm.forward(
                 torch.tensor(prompts[1]), torch.arange(n), torch.zeros(n, dtype=torch.long), runner.k_cache,
-                runner.v_cache, max_len=n,
+                runner.v_cache, n, False,
             )  # fmt: skip
             logits.append(lm.head_logits(hidden[-1:]))
     exact, fp8 = logits
@@ -138,7 +139,7 @@ def test_prefill_warm_up_touches_only_the_dummy_slot(setup):
     """Warming every prefill shape up writes the dummy slot's cache only, and live requests decode as before."""
     model, prompts, expected = setup
     runner, scheduler = make(model, slots=2, chunk=40)
-    runner.warm_up_prefill(force=True)
+    runner.warm_up(force=True)
     assert not runner.k_cache[:, : runner.dummy_slot].any() and runner.k_cache[:, runner.dummy_slot].any()
     r = Request("r", [prompts[0]], GREEDY, seed=0)
     scheduler.admit(r)

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.engine.request import Request, RequestStatus, SamplingParams
 from pipecat_orpheus.engine.scheduler import Scheduler
-from pipecat_orpheus.errors import ConfigError, EngineBusy
+from pipecat_orpheus.errors import EngineBusy, InvalidRequest
 
 AUDIO = fmt.audio_token(0, 5)  # any audio id: the scheduler only looks for END_OF_SPEECH
 
@@ -41,10 +41,11 @@ def test_admit_fills_slots_then_queue_then_busy():
 
 
 def test_prompt_too_long_for_slot_names_config_key():
-    """A prompt that leaves no room for one frame is refused with the config key to raise."""
+    """A prompt that leaves no room for one frame is refused (a bad request: its text) with the config key to raise."""
     s = make_scheduler(max_tokens_per_slot=64)
-    with pytest.raises(ConfigError, match="engine.max_tokens_per_slot"):
+    with pytest.raises(InvalidRequest, match="engine.max_tokens_per_slot") as e:
         s.admit(make_request(0, prompt_len=60))
+    assert e.value.field == "text" and e.value.code == "bad_request"
 
 
 def test_chunked_prefill_respects_budget_and_order():

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.errors import ProtocolError
+from pipecat_orpheus.wire import protocol as p
 
 
 def test_kyutai_client_messages_decode():

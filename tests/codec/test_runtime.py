@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipecat_orpheus.codec import SnacCodec, _buckets, hashed_normal
+from pipecat_orpheus.codec import SnacCodec, hashed_normal
 from pipecat_orpheus.codec.stream import FRAME_S, CodecStream, Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes
+from pipecat_orpheus.graphs import window_buckets
 from pipecat_orpheus.loader import load_snac
 
 LENGTHS = [1, 2, 3, 4, 5, 6, 9, 200]
@@ -200,18 +201,18 @@ def test_graphed_shapes_cover_every_window_of_long_enough_streams(left, lookahea
 def test_buckets_fit_every_batch_with_little_padding():
     """Graph batch buckets cover 1..max_batch, each batch padded by at most half of itself."""
     for max_batch in (1, 5, 16, 256, 300):
-        buckets = _buckets(max_batch)
+        buckets = window_buckets(max_batch)
         assert buckets[0] == 1 and buckets[-1] == max_batch
         for b in range(1, max_batch + 1):
             assert min(x for x in buckets if x >= b) <= max(1.5 * b, 2)
 
 
-def test_warmup_and_gpu_only_options(snac):
+def test_warm_up_and_gpu_only_options(snac):
     """Warm-up decodes every short stream shape; half precision, compile and graphs are GPU only."""
     cpu = SnacCodec(snac, CodecConfig(dtype="float16", compile=True, cuda_graphs=True), "cpu")
     cpu.capture_graphs()
     assert cpu.dtype == torch.float32 and not cpu._compiled and not cpu._graphs
-    cpu.warmup()
+    cpu.warm_up()
     stream = cpu.open_stream(9)
     pcm = cpu.decode(stream.push(np.full(7, 4095)) + stream.finish())
     assert len(np.concatenate(pcm)) == SAMPLES_PER_FRAME

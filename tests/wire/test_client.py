@@ -6,11 +6,11 @@ import socket
 import numpy as np
 import pytest
 
-from pipecat_orpheus.wire.client import OrpheusClient, _stream_url
 from pipecat_orpheus.errors import AuthError, EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
+from pipecat_orpheus.wire.client import OrpheusClient, _stream_url
 from pipecat_orpheus.wire.server import serve
-from tests.test_server import LONG_TEXT, config, overrides, synth, until, with_  # noqa: F401 (fixtures)
+from tests.helpers import LONG_TEXT, until, with_
 
 
 def test_url_gets_path_and_query():

@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import dataclasses
 import os
 import signal
 import socket
@@ -16,75 +15,14 @@ from loguru import logger
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.errors import ConfigError
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.pcm import MESSAGE_SAMPLES
-from pipecat_orpheus.reference import ReferenceSynthesizer
+from pipecat_orpheus.speech import open_backend, speech_for
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import run, serve
-from pipecat_orpheus.speech import load_synthesizer
-from pipecat_orpheus.testing import tiny_model_overrides
-
-LONG_TEXT = "One two three four. Five six seven eight. Nine ten eleven twelve. Thirteen fourteen fifteen."
-
-
-def overrides(tiny_model_dir, **extra):
-    return {
-        "engine.backend": "reference",
-        **tiny_model_overrides(tiny_model_dir),
-        "sampling.max_tokens": 14,  # two 7-token frames per sentence: fast on CPU
-        "engine.max_chars_per_piece": 20,
-        "server.shutdown_grace_s": 1.0,
-        **extra,
-    }
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir):
-    return load_config(overrides=overrides(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def synth(config):
-    return load_synthesizer(config)
-
-
-def with_(config, **sections):
-    """`config` with some keys of some sections replaced: with_(c, limits={"max_connections": 1})."""
-    return dataclasses.replace(
-        config, **{s: dataclasses.replace(getattr(config, s), **kv) for s, kv in sections.items()}
-    )
-
-
-async def messages(ws):
-    """Every server message until the server closes (decoded), and the close code."""
-    out = []
-    try:
-        async for data in ws:
-            out.append(p.decode_server(data))
-    except ConnectionClosed:
-        pass
-    return out, ws.close_code
-
-
-async def until(pred, timeout=5.0):
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.01)
-
-
-async def http_get(port, path, headers=""):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
-
-
-def pack(**body):
-    return msgpack.packb(body)
+from tests.helpers import LONG_TEXT, http_get, messages, overrides, pack, until, with_
 
 
 async def test_kyutai_session(config, synth):
@@ -377,7 +315,7 @@ async def test_fifty_concurrent_connections(config, synth):
 async def test_engine_busy_is_per_utterance(tiny_model_dir):
     """EngineBusy from submit becomes Error{busy} for that utterance only; the stream goes on."""
     cfg = load_config(overrides=overrides(tiny_model_dir, **{"engine.max_queue": 0, "sampling.max_tokens": 70}))
-    busy_synth = ReferenceSynthesizer.from_config(cfg)
+    busy_synth = speech_for(open_backend(cfg), cfg)
     try:
         async with serve(cfg, busy_synth, port=0) as server, connect(server.url) as a, connect(server.url) as b:
             await a.recv(), await b.recv()

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
 from pipecat_orpheus.errors import EngineBusy
 from pipecat_orpheus.pcm import MESSAGE_SAMPLES
+from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.session import Abort, Close, Session, Start, Stop
 
 

@@ -1,0 +1,2 @@
+"""The WebSocket side: the protocol (`protocol`), one stream's state (`session`) and tasks (`connection`),
+the server (`server`), its metrics (`metrics`) and the client (`client`)."""
