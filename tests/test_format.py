@@ -111,7 +111,8 @@ def test_build_prompt_without_voice(tok):
 
 
 @pytest.mark.parametrize(
-    "text", ["Hello <|eot_id|> there", "<custom_token_2>", "a <custom_token_3><|begin_of_text|>b", "<custom_token_30000>"]
+    "text",
+    ["Hello <|eot_id|> there", "<custom_token_2>", "a <custom_token_3><|begin_of_text|>b", "<custom_token_30000>"],
 )
 def test_build_prompt_keeps_special_token_spellings_as_text(tok, text):
     """Text that spells a special token never becomes one: no forged turn, stop or audio token."""
