@@ -11,11 +11,16 @@ import asyncio
 import ctypes
 import gc
 import json
+import logging
+import os
+import socket
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
+from loguru import logger
 from websockets.asyncio.client import connect
 
 from pipecat_orpheus.wire import protocol as p
@@ -28,6 +33,10 @@ LONG_TEXT = "One two three four five six seven eight nine ten eleven twelve. " *
 POISON = "語" * 150  # one 150-char piece, 3 byte-tokens a char: its prompt does not fit a slot, submit fails
 ALLOWED_CLOSES = {1000, 1007, 1009, 1013}  # Eos done, invalid UTF-8, frame past max_frame_bytes, busy
 REPLY_TIMEOUT_S = 60  # a well-behaved client waiting longer than this for audio counts as starved
+UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n"
+)
 
 
 def rss_mib() -> float:
@@ -173,3 +182,59 @@ async def guarded(bench: Bench, name: str, work):
     except Exception as e:  # noqa: BLE001 - an abuse step that breaks is a finding, not the end of the run
         bench.fail(f"{name}: {type(e).__name__}: {e}")
         return None
+
+
+# -- raw peers that never read, and what the server logs at ERROR -----------------------------------
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked, final client frame (payload under 64 KiB)."""
+    mask = os.urandom(4)
+    size = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+PING = client_frame(0x9, b"p" * 125)  # the largest ping a control frame allows; the server owes a pong for each
+
+
+def deaf_peer(port: int) -> socket.socket:
+    """A raw client that sends the upgrade (with the key) and never reads a byte (a 4 KiB receive window)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE}kyutai-api-key: {KEY}\r\n\r\n".encode())
+    sock.setblocking(False)
+    return sock
+
+
+async def flood_pings(sock: socket.socket, limit_bytes: int, after_chunk=lambda: None) -> int:
+    """Send pings until `limit_bytes`, the server drops the peer, or a send stalls 30 s; the bytes sent."""
+    loop, chunk, sent = asyncio.get_running_loop(), PING * 500, 0
+    while sent < limit_bytes:
+        try:
+            await asyncio.wait_for(loop.sock_sendall(sock, chunk), 30)
+        except (OSError, TimeoutError):
+            break
+        sent += len(chunk)
+        await asyncio.sleep(0.001)  # the server reads and answers it (in-process servers share this loop)
+        after_chunk()
+    return sent
+
+
+@contextmanager
+def error_logs():
+    """The ERROR (and worse) lines logged while the block runs: loguru's and stdlib logging's (websockets)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Collect(logging.ERROR)
+    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR")
+    logging.getLogger().addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logger.remove(sink)

@@ -1,19 +1,36 @@
 """Reliability bench, floods phase: what one client may cost the server, pushed past every limit.
 
 Connections past limits.max_connections, Text/Speak/Marker floods, slow readers, silent peers and
-half-open handshakes, cancel storms, rapid connect/disconnect.
+half-open handshakes, cancel storms, rapid connect/disconnect, a ping flood from a peer that never
+reads, a shutdown with such peers attached, and odd request targets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 
-from bench_reliability_common import AUTH, KEY, LONG_TEXT, Bench, guarded, pack
+from bench_reliability_common import (
+    AUTH,
+    KEY,
+    LONG_TEXT,
+    UPGRADE,
+    Bench,
+    client_frame,
+    deaf_peer,
+    error_logs,
+    flood_pings,
+    guarded,
+    http_status,
+    pack,
+    rss_mib,
+)
 from websockets.asyncio.client import connect
 
 from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.server import OrpheusServer
 
 
 async def connection_flood(bench: Bench, n: int) -> dict:
@@ -136,6 +153,113 @@ async def rapid(bench: Bench, cycles: int) -> None:
         ws.transport.abort()
 
 
+async def ping_flood(bench: Bench, mib: int, open_first: bool) -> dict:
+    """A peer floods pings and reads nothing: how much it sent before the drop, the pong backlog, RSS.
+
+    `open_first`: once its stream is open; else right after the upgrade request (websockets parses
+    frames, and answers pings, before it has sent the 101). The backlog is sampled between 64 KiB
+    chunks: the drop empties it, so the largest one is in the server's warning.
+    """
+    peak = 0
+
+    def ours():  # the flooder's stream (the good clients come and go alongside)
+        return [s for s in bench.server._streams if s.ws.remote_address[1] == sock.getsockname()[1]]
+
+    def probe():
+        nonlocal peak
+        peak = max([peak, *(s.ws.transport.get_write_buffer_size() for s in ours())])
+
+    with deaf_peer(bench.server.port) as sock:
+        if open_first:
+            async with asyncio.timeout(30):
+                while not ours():
+                    await asyncio.sleep(0.05)
+        rss0, t0 = rss_mib(), time.perf_counter()
+        sent = await flood_pings(sock, mib * 2**20, probe)
+        try:
+            async with asyncio.timeout(30):
+                while ours():
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            bench.fail(f"ping flood: the peer was not dropped within 30 s of {sent / 2**20:.0f} MiB of pings")
+        dropped_after = time.perf_counter() - t0
+    if peak > 2**20:
+        bench.fail(f"ping flood: {peak} bytes of pongs buffered for a peer that never reads")
+    return {
+        "sent_mib": round(sent / 2**20, 2),
+        "peak_write_buffer_kib": round(peak / 1024, 1),
+        "rss_growth_mib": round(rss_mib() - rss0, 1),
+        "dropped_after_s": round(dropped_after, 2),
+    }
+
+
+async def unread_shutdown(bench: Bench, cfg) -> dict:
+    """A second server on the same engine, shut down with a deaf listener (write side blocked) and a deaf pinger.
+
+    server.ping_timeout_s is set past the run, so only shutdown's own bounds (grace + close timeout) may end them.
+    """
+    server_cfg = dataclasses.replace(cfg.server, ping_timeout_s=600, shutdown_grace_s=1)
+    limits = dataclasses.replace(cfg.limits, max_unsent_audio_s=3600, max_write_buffer_bytes=4096)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # the unread audio backs up into the server
+    server = OrpheusServer(
+        dataclasses.replace(cfg, server=server_cfg, limits=limits), bench.synth, sock=listener, api_keys=[KEY]
+    )
+    await server.start()
+    with deaf_peer(server.port) as audio, deaf_peer(server.port) as pinger:
+        for i in range(4):
+            audio.sendall(client_frame(0x2, pack(type="Speak", text=LONG_TEXT[:600], id=i)))
+        async with asyncio.timeout(60):
+            while not any(s.ws.paused for s in server._streams):  # the listener's write side is blocked
+                await asyncio.sleep(0.05)
+        await flood_pings(pinger, 16 * 2**20)
+        await asyncio.sleep(3 * server_cfg.ping_interval_s)  # keepalive pings go out into the blocked write side
+        t0 = time.perf_counter()
+        bound = server_cfg.shutdown_grace_s + server_cfg.close_timeout_s
+        try:
+            async with asyncio.timeout(bound + 30):
+                await server.shutdown()
+        except TimeoutError:
+            bench.fail(f"unread shutdown: still not stopped {bound + 30} s after shutdown()")
+        took = time.perf_counter() - t0
+    if took > bound + 5:
+        bench.fail(f"unread shutdown: {took:.1f} s, bound {bound} s")
+    return {"shutdown_s": round(took, 2), "grace_plus_close_s": bound}
+
+
+ODD_TARGETS = [  # each must get a 4xx: never a stream, a probe's answer, a 500 or an ERROR log line
+    "//[/healthz",
+    "//x/ws",
+    "//x/metrics",
+    "//x/healthz",
+    "/healthz?x",
+    "/metrics?x",
+    "http://h/healthz",
+    "http://h/ws",
+    "/%2Fhealthz",
+    "%2Fws",
+    "/ws%2F",
+    "/ws/",
+    "/healthz#x",
+    "*",
+    "/" + "a" * 10_000,
+]
+
+
+async def odd_targets(bench: Bench) -> dict:
+    statuses: dict[str, int] = {}
+    upgrade = [tuple(line.split(": ", 1)) for line in UPGRADE.split("\r\n") if line] + [("kyutai-api-key", KEY)]
+    with error_logs() as errors:
+        for target in ODD_TARGETS:
+            status = await http_status(bench.server.port, target, upgrade)
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            if status is None or not 400 <= status < 500:
+                bench.fail(f"odd target {target[:40]!r}: {status}")
+    if errors:
+        bench.fail(f"odd targets: {len(errors)} ERROR log lines, e.g. {errors[0][:200]}")
+    return {"targets": len(ODD_TARGETS), "statuses": statuses, "error_log_lines": len(errors)}
+
+
 async def run_floods(bench: Bench, cfg, scale: int) -> dict:
     port, out = bench.server.port, {}
     out["connection_flood"] = await guarded(
@@ -154,4 +278,9 @@ async def run_floods(bench: Bench, cfg, scale: int) -> dict:
     out["cancels_answered"] = sum(storms or [])
     await guarded(bench, "rapid", asyncio.gather(*(rapid(bench, 50 * scale) for _ in range(8))))
     out["rapid_connects"] = 8 * 50 * scale
+    for when, open_first in (("open", True), ("handshake", False)):
+        flood = await guarded(bench, f"ping flood ({when})", ping_flood(bench, 64 * scale, open_first))
+        out[f"ping_flood_{when}"] = flood
+    out["unread_shutdown"] = await guarded(bench, "unread shutdown", unread_shutdown(bench, cfg))
+    out["odd_targets"] = await guarded(bench, "odd targets", odd_targets(bench))
     return out

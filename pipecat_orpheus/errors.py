@@ -14,8 +14,10 @@ class ConfigError(OrpheusError):
 
 
 class InvalidRequest(OrpheusError):
-    """One request asks for something this server cannot do (an unknown voice, a sampling value out of range,
-    a prompt too long for a slot); the message names the field and what is allowed."""
+    """One request asks for what cannot be done; the message names the field and what is allowed.
+
+    An unknown voice, a sampling value out of range, a prompt too long for a slot.
+    """
 
     code = "bad_request"
 

@@ -14,7 +14,7 @@ _LOG_LINES = 4  # lines logged over the whole work when stderr is not a terminal
 
 
 def progress(items: Sequence[T], desc: str, unit: str) -> Iterator[T]:
-    """Iterate `items`, showing progress: tqdm on a TTY, else `desc: k/n unit` a few times (no `\\r` bars)."""
+    """Iterate `items`, showing progress: tqdm on a TTY, else `desc: k/n unit` a few times (no carriage-return bars)."""
     if sys.stderr.isatty():
         yield from tqdm(items, desc=desc, unit=unit)
         return

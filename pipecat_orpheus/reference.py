@@ -1,6 +1,7 @@
 """The simple, obviously correct synthesis path that the batched engine is tested against.
 
-One request at a time on a worker thread: the prompts `speech.Speech` built -> token-by-token decoding with the transformers model and a `DynamicCache` -> 7-token frames ->
+One request at a time on a worker thread: the prompts `speech.Speech` built -> token-by-token
+decoding with the transformers model and a `DynamicCache` -> 7-token frames ->
 `codec.CodecStream` windows -> PCM. Sampling uses transformers' own logits processors, in this
 order for every step:
 

@@ -9,88 +9,93 @@ from __future__ import annotations
 
 import re
 
-_TAG = re.compile(r"<[A-Za-z_]+>")  # an emotion tag like <laugh>
-_SENTENCE_END = re.compile(r"[.?!…]+[\"')\]]*(?=\s|$)")  # .?! (with closing quotes) before a space or the end
+_MAX_TAG_CHARS = 18  # <, at most 16 letters, >: a longer "<...>" is text, so it can't outgrow a piece
+_TAG = re.compile(r"<[A-Za-z_]{1,16}>")  # an emotion tag like <laugh>
+# .?! (with closing quotes) before a space or the end. The lookbehind (the character before the
+# first mark is not one) and the possessive runs make each run of marks tried once, from its start:
+# a run not followed by a space fails in one pass, not once per position in it (quadratic).
+_SENTENCE_END = re.compile(r"[.?!…](?<![.?!…]{2})[.?!…]*+[\"')\]]*+(?=\s|$)")
+_SENTENCE_END_CHARS = ".?!…\"')]"  # what a _SENTENCE_END match is made of
 _NEWLINE = re.compile(r"\n")
 _CLAUSE_END = re.compile(r"[;:,](?=\s|$)")
 _SPACE = re.compile(r"\s")
+_SPACES = re.compile(r"\s*")
+_WORD = re.compile(r"[\w.]+$")
 # Abbreviations whose period does not end a sentence when text is streamed.
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no"})
+_LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
 
 
-def _tag_spans(text: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _TAG.finditer(text)]
+def _cut(window: str, limit: int) -> int:
+    """Where to end the piece that starts `window`: a position in 1..limit (a tag may end it past limit).
+
+    `window` holds the rest of the text up to at least `limit` + 1 characters (the one after a cut
+    decides whether it is a sentence end) and `limit + _MAX_TAG_CHARS` at most, so every cut costs
+    O(limit) whatever follows. A pattern cut never falls inside a tag: none of them ends on a letter.
+    """
+    for pattern in (_SENTENCE_END, _NEWLINE, _CLAUSE_END, _SPACE):
+        cut = None
+        for m in pattern.finditer(window, 0, limit + 1):
+            if m.end() <= limit:
+                cut = m.end()
+        if cut:
+            return cut
+    for m in _TAG.finditer(window):  # one long word: cut at the limit, or around a tag that straddles it
+        if m.start() < limit < m.end():
+            return m.start() or m.end()
+    return limit
 
 
-def _inside_tag(pos: int, spans: list[tuple[int, int]]) -> bool:
-    return any(start < pos < end for start, end in spans)
-
-
-def _last_cut(text: str, limit: int, pattern: re.Pattern, spans: list[tuple[int, int]]) -> int | None:
-    """The largest cut position <= limit just after a match of `pattern` (None if there is none)."""
-    best = None
-    for m in pattern.finditer(text, 0, len(text)):
-        cut = m.end()
-        if cut > limit:
+def _piece_spans(text: str, max_chars: int) -> list[tuple[int, int]]:
+    """(start, end) in `text` of the pieces `split_text` returns."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    spans: list[tuple[int, int]] = []
+    pos, stop = _SPACES.match(text).end(), len(text.rstrip())
+    while pos < stop:
+        if stop - pos <= max_chars:
+            spans.append((pos, stop))
             break
-        if cut > 0 and not _inside_tag(cut, spans):
-            best = cut
-    return best
+        # A fresh string, not finditer(text, pos): a piece starts anew, as if the text began there.
+        window = text[pos : min(stop, pos + max_chars + _MAX_TAG_CHARS)]
+        cut = _cut(window, max_chars)
+        spans.append((pos, pos + len(window[:cut].rstrip())))
+        pos = _SPACES.match(text, pos + cut).end()
+    return spans
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
     """Split `text` into pieces of at most `max_chars` characters, each as long as it can be.
 
     Cuts prefer a sentence end (.?!), then a newline, then ; : or a comma, then a space; a word
-    longer than `max_chars` is cut where it must be. Emotion tags are never cut. Whitespace
-    between pieces is dropped; empty text gives no pieces.
+    longer than `max_chars` is cut where it must be. Emotion tags are never cut, so a piece is
+    longer than `max_chars` only when it is one tag longer than that (tags have at most 18).
+    Whitespace between pieces is dropped; empty text gives no pieces. Time is linear in the text.
     """
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
-    pieces: list[str] = []
-    rest = text.strip()
-    while rest:
-        if len(rest) <= max_chars:
-            pieces.append(rest)
-            break
-        spans = _tag_spans(rest)
-        cut = None
-        for pattern in (_SENTENCE_END, _NEWLINE, _CLAUSE_END, _SPACE):
-            cut = _last_cut(rest, max_chars, pattern, spans)
-            if cut:
-                break
-        if not cut:  # one long word: cut at the limit, or just past a tag that straddles it
-            cut = max_chars
-            for start, end in spans:
-                if start < cut < end:
-                    cut = start if start > 0 else end
-        piece, rest = rest[:cut].strip(), rest[cut:].strip()
-        if piece:
-            pieces.append(piece)
-    return pieces
+    return [text[start:end] for start, end in _piece_spans(text, max_chars)]
 
 
-def sentence_end(buffer: str) -> int | None:
+def sentence_end(buffer: str, start: int = 0) -> int | None:
     """Index just past the last complete sentence in `buffer`, or None if it holds none yet.
 
     A sentence ends at .?! followed by whitespace (so "3.5" and a word still arriving do not
-    count), or at a newline. Common abbreviations ("Dr.", "e.g.") do not end a sentence.
+    count), or at a newline. Common abbreviations ("Dr.", "e.g.") do not end a sentence. Ends
+    made of text before `start` are not looked for (the caller knows there are none).
     """
     best = None
-    for pattern in (_SENTENCE_END, _NEWLINE):
-        for m in pattern.finditer(buffer):
-            if m.end() >= len(buffer) and pattern is _SENTENCE_END:
-                continue  # no whitespace after it yet: more may follow ("3." of "3.5")
-            if pattern is _SENTENCE_END and _is_abbreviation(buffer, m.start()):
-                continue
-            if best is None or m.end() > best:
-                best = m.end()
+    for m in _SENTENCE_END.finditer(buffer, start):
+        if m.end() < len(buffer) and not _is_abbreviation(buffer, m.start()):  # at the end, "3." may become "3.5"
+            best = m.end()
+    newline = buffer.rfind("\n", start)
+    if newline >= 0 and (best is None or newline + 1 > best):
+        best = newline + 1
     return best
 
 
 def _is_abbreviation(buffer: str, dot: int) -> bool:
-    word = re.search(r"([\w.]+)$", buffer[:dot])
-    return bool(word) and buffer[dot] == "." and word.group(1).lower() in _ABBREVIATIONS
+    # Only the last few characters can make an abbreviation: a longer word is not one.
+    word = _WORD.search(buffer, max(0, dot - _LONGEST_ABBREVIATION - 1), dot)
+    return bool(word) and buffer[dot] == "." and word.group().lower() in _ABBREVIATIONS
 
 
 class SentenceBuffer:
@@ -103,6 +108,7 @@ class SentenceBuffer:
     def __init__(self, max_chars: int):
         self.max_chars = max_chars
         self._buffer = ""
+        self._settled = 0  # the buffer before this holds no sentence end, and no push can make one there
 
     @property
     def pending(self) -> str:
@@ -113,20 +119,27 @@ class SentenceBuffer:
         """Add `text`; return the complete sentences now available (possibly none)."""
         self._buffer += text
         out: list[str] = []
-        end = sentence_end(self._buffer)
+        end = sentence_end(self._buffer, self._settled)  # one scan of the new text, not of the whole buffer
         if end is not None:
             out += split_text(self._buffer[:end], self.max_chars)
             self._buffer = self._buffer[end:].lstrip()
-        while len(self._buffer) > self.max_chars:
-            pieces = split_text(self._buffer, self.max_chars)
-            out.append(pieces[0])
-            self._buffer = self._buffer.strip()[len(pieces[0]) :].lstrip()
+        # Only a run of marks at the end can still become a sentence end ("Hi." + " there").
+        self._settled = len(self._buffer.rstrip(_SENTENCE_END_CHARS))
+        if len(self._buffer) > self.max_chars:
+            self._settled = 0  # a piece cut inside a run of marks leaves a run that starts afresh
+            spans = _piece_spans(self._buffer, self.max_chars)
+            keep = len(self._buffer)  # all of it, unless the last piece fits with the whitespace after it
+            if len(spans) > 1 and len(self._buffer) - spans[-1][0] <= self.max_chars:
+                keep = spans.pop()[0]  # the last piece stays, with its trailing space, so the next word stays apart
+            out += [self._buffer[start:end] for start, end in spans]
+            self._buffer = self._buffer[keep:]
         return out
 
     def flush(self) -> list[str]:
         """Release whatever is left (end of the turn), as pieces of at most `max_chars`."""
         out = split_text(self._buffer, self.max_chars)
         self._buffer = ""
+        self._settled = 0
         return out
 
 

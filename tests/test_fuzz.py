@@ -1,4 +1,4 @@
-"""Hostile input over real sockets: the server answers Error or closes that one stream, and stays up.
+"""Hostile input over real sockets: the server answers Error (or a 4xx) or closes that one stream, and stays up.
 
 The server runs on its own event loop in a thread (so hypothesis can drive plain sync clients);
 every unhandled exception on that loop is recorded and must not happen.
@@ -6,6 +6,7 @@ every unhandled exception on that loop is recorded and must not happen.
 
 import asyncio
 import os
+import socket
 import struct
 import threading
 
@@ -19,8 +20,8 @@ from websockets.sync.client import connect
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.speech import load_synthesizer
 from pipecat_orpheus.wire import protocol as p
-from pipecat_orpheus.wire.server import serve
-from tests.reliability_helpers import TEXT, UPGRADE, tiny_overrides
+from pipecat_orpheus.wire.server import PROBE_PATHS, STREAM_PATHS, serve
+from tests.reliability_helpers import TEXT, UPGRADE, error_logs, tiny_overrides
 
 MESSAGE_LIMIT, FRAME_LIMIT = 1024, 4096  # limits.max_message_bytes / max_frame_bytes of this module's server
 EOS_FRAMES = (msgpack.packb({"type": "Eos"}), p.EOS_FRAME)
@@ -206,3 +207,67 @@ def test_raw_protocol_violations_close_only_that_stream(running, case):
     close = data[data.rindex(b"\x88") :]  # the server's close frame: 0x88, length, code
     assert struct.unpack("!H", close[2:4])[0] in codes
     assert speak_once(running.url) == expected and not running.errors
+
+
+# -- request targets: each is taken literally; nothing but an exact known path gets past a 4xx ---------
+
+
+def status_of(port: int, target: str) -> int | None:
+    """The status a GET of `target` (with upgrade headers) gets; None if the server closed without one."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n".encode())
+        data = b""
+        while b"\r\n" not in data and (chunk := sock.recv(4096)):
+            data += chunk
+    return int(data.split()[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+
+ODD_TARGETS = [
+    "//[/healthz",  # urlsplit raised "Invalid IPv6 URL": websockets answered 500 and logged a traceback
+    "//x/ws",  # urlsplit read host "x", path "/ws": a stream opened past a proxy's path rules
+    "//x/metrics",
+    "//x/healthz",
+    "/healthz?x",  # probes take no query
+    "/metrics?x",
+    "http://h/healthz",  # absolute form
+    "http://h/ws",
+    "/%2Fhealthz",
+    "%2Fws",
+    "/ws%2F",
+    "/ws/",
+    "/healthz#x",
+    "*",
+    "/" + "a" * 10_000,  # past websockets' 8 KiB request line: 414
+]
+
+
+@pytest.mark.parametrize("target", ODD_TARGETS, ids=lambda t: t[:20])
+def test_odd_request_targets_get_4xx_and_no_error_log(running, target):
+    """A target not exactly a known path gets a 4xx: never a stream, a probe's answer, a 500 or an ERROR line."""
+    with error_logs() as errors:
+        status = status_of(running.server.port, target)
+    assert status is not None and 400 <= status < 500, status
+    assert not errors and not running.errors
+
+
+KNOWN = (*STREAM_PATHS, *PROBE_PATHS)
+prefixes = st.sampled_from(["", "/", "//", "//[", "//x", "http://h", "/%2F", "?", *KNOWN])
+targets = st.builds(
+    lambda head, tail: (head + tail) or "/",
+    prefixes,
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40),  # printable ASCII, no space
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(targets)
+def test_request_targets_are_matched_exactly(running, target):
+    """Any target: a 4xx unless its path is exactly a known one (a probe's without a query); never a 5xx or an ERROR."""
+    with error_logs() as errors:
+        status = status_of(running.server.port, target)
+    path, has_query = target.partition("?")[0], "?" in target
+    if path in STREAM_PATHS or (path in PROBE_PATHS and not has_query):
+        assert status in (101, 200, 400), status  # 400: a stream query naming an unsupported format
+    else:
+        assert status is not None and 400 <= status < 500, status
+    assert not errors and not running.errors

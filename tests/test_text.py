@@ -1,4 +1,6 @@
-from hypothesis import given
+import time
+
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipecat_orpheus.format import EMOTION_TAGS
@@ -100,3 +102,104 @@ def test_word_timings_cover_duration(tokens, start, duration):
         assert timings[0][1] == start and abs(timings[-1][2] - (start + duration)) < 1e-6
         for (_, a0, a1), (_, b0, _) in zip(timings, timings[1:], strict=False):
             assert a0 <= a1 == b0
+
+
+# -- hostile input (issue 13): time linear in the text, pieces within the limit -------------------
+
+ATTACKS = [
+    "." * 7998 + "x",  # a run of marks not followed by a space: once quadratic per scan
+    "." * 4000,
+    "a" * 5332 + " Dr." * 666,  # a long word before a dot: once a quadratic abbreviation check
+    "<" + "a" * 3990 + ">",  # a fake tag: once kept whole, past max_chars
+]
+CPU_BUDGET_S = 1.0  # for 8,000 characters through all of `_process`; about 0.07 s at worst today
+
+
+def _process(text: str) -> None:
+    """Everything the server does to text, checking that every piece fits the limit."""
+    for limit in (280, 20):
+        assert all(len(p) <= limit for p in split_text(text, limit))
+    for chunks in (list(text), [w + " " for w in text.split(" ")]):  # character by character, word by word
+        buf = SentenceBuffer(280)
+        pieces = [p for chunk in chunks for p in buf.push(chunk)] + buf.flush()
+        assert all(len(p) <= 280 for p in pieces)
+    sentence_end(text)
+
+
+def _cpu_seconds(text: str) -> float:
+    """CPU time of `_process(text)`: unlike wall time it does not grow when other processes load the machine."""
+    start = time.process_time()
+    _process(text)
+    return time.process_time() - start
+
+
+def _to_length(text: str, n: int) -> str:
+    text = text or "x"
+    return (text * (n // len(text) + 1))[:n]
+
+
+_BLOCKS = st.one_of(
+    st.builds(  # a run of one sentence-end mark, maybe closed by quotes, then a space, a letter or nothing
+        lambda mark, n, closer, after: mark * n + closer + after,
+        st.sampled_from(".?!…"),
+        st.integers(1, 4000),
+        st.sampled_from(["", '"', "'", ")", "]", '")', "')]"]),
+        st.sampled_from(["", " ", "x", "\n"]),
+    ),
+    st.builds(
+        lambda unit, n: unit * n,
+        st.sampled_from(['."', ".)", "?!", ". ", "a.", "<a", "Dr. ", "e.g.", "\n."]),
+        st.integers(1, 3000),
+    ),
+    st.builds(lambda n: "a" * n, st.integers(1, 8000)),
+    st.builds(lambda n, k: "a" * n + " Dr." * k, st.integers(1, 6000), st.integers(1, 700)),
+    st.builds(
+        lambda pair, n: pair[0] * n + pair[1] * n, st.sampled_from(["()", "[]", "<>", '""']), st.integers(1, 3000)
+    ),
+    st.sampled_from(EMOTION_TAGS),
+    st.builds(lambda n: "<" + "a" * n + ">", st.integers(17, 4000)),
+    st.lists(st.sampled_from([*".?!…\"')] \n<>a_", "Dr.", "<laugh>"]), max_size=300).map("".join),
+    st.text(max_size=300),
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(_BLOCKS, min_size=1, max_size=6).map(lambda blocks: _to_length("".join(blocks), 8000)))
+def test_hostile_text_costs_linear_time(text):
+    """8,000 characters of any mix of mark runs, long words, brackets and tags stay far under a second of CPU.
+
+    The quadratic code took 8-85 s for the attack strings, so even a loaded machine tells the two apart.
+    """
+    assert _cpu_seconds(text) < CPU_BUDGET_S
+
+
+def test_attack_strings_cost_linear_time():
+    """The strings that froze the server for minutes now take milliseconds."""
+    for text in ATTACKS:
+        assert _cpu_seconds(text) < CPU_BUDGET_S, text[:20]
+
+
+@given(
+    st.lists(
+        st.sampled_from(["a", "bb ", ". ", "!", "<laugh>", "<" + "a" * 17 + ">", "<" * 20, "x" * 30, "\n"]), max_size=80
+    ),
+    st.integers(18, 60),
+)
+def test_pieces_never_exceed_limit_once_a_tag_fits(parts, limit):
+    """With room for the longest tag (18 characters), no piece is over the limit, whatever looks like a tag."""
+    assert all(len(p) <= limit for p in split_text("".join(parts), limit))
+
+
+def test_fake_long_tag_is_split():
+    """A "<...>" longer than any tag is text, so it is cut to the limit like a long word."""
+    pieces = split_text("<" + "a" * 3990 + ">", 280)
+    assert max(map(len, pieces)) == 280 and "".join(pieces) == "<" + "a" * 3990 + ">"
+    assert words("<" + "a" * 20 + ">") == ["<" + "a" * 20 + ">"]
+
+
+@given(st.lists(st.text("abc.,", min_size=1, max_size=19), max_size=60))
+def test_sentence_buffer_keeps_words_apart(ws):
+    """Words shorter than the limit come out whole and in order, also after the buffer released a piece."""
+    buf = SentenceBuffer(max_chars=20)
+    out = [p for w in ws for p in buf.push(w + " ")] + buf.flush()
+    assert " ".join(out).split() == ws

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-
 import torch
 
 from pipecat_orpheus import format as fmt

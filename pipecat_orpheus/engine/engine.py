@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
 from loguru import logger
 
 from pipecat_orpheus import format as fmt

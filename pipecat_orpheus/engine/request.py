@@ -10,7 +10,6 @@ from typing import Any
 from pipecat_orpheus.config import SamplingConfig, check_field
 from pipecat_orpheus.errors import ConfigError, InvalidRequest
 
-
 _DEFAULTS = SamplingConfig()
 _CHECKED = tuple(f.name for f in dataclasses.fields(SamplingConfig))  # ranges: SamplingConfig's metadata
 

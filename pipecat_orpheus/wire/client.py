@@ -20,9 +20,9 @@ from loguru import logger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.errors import AuthError, EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
+from pipecat_orpheus.wire import protocol as p
 
 DEFAULT_PATH = "/api/tts_streaming"
 UNAUTHORIZED = 401

@@ -5,6 +5,7 @@ The stream is an `asyncio.TaskGroup` of a `recv` task (frames -> session), a `se
 session). The tasks meet only in the session, whose outbox is bounded by
 `limits.max_unsent_audio_s`; the send task sleeps on an event, never polls. Whatever ends the
 stream, its `finally` cancels its engine requests, which frees their slots at the next step.
+Under it, a `StreamSocket` drops a peer that leaves what it is sent unread, control frames included.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import asyncio
 from loguru import logger
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
-from pipecat_orpheus.wire import metrics
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
-from pipecat_orpheus.wire.session import POLICY_VIOLATION, Abort, Close, Session, Start, Stop
 from pipecat_orpheus.speech import AudioStream, Synthesizer
+from pipecat_orpheus.wire import metrics
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.session import Abort, Close, Session, Start, Stop
 
 
 class _Closed(Exception):
@@ -40,8 +42,6 @@ class Connection:
         *,
         sampling: SamplingParams,
         pcm16: bool,
-        close_timeout_s: float,
-        send_timeout_s: float,
     ):
         """Wire up stream number `n`.
 
@@ -52,12 +52,9 @@ class Connection:
             synthesizer: the shared speech source.
             sampling: sampling for every piece of this stream.
             pcm16: send `Audio.pcm` as int16 bytes (`Pcm16MessagePack`) instead of float32.
-            close_timeout_s: a closing handshake may take this long before the socket is dropped.
-            send_timeout_s: one message may take this long to go out before the peer is dropped.
         """
         self.n, self.ws, self.session, self.synthesizer = n, ws, session, synthesizer
         self.sampling, self.pcm16 = sampling, pcm16
-        self.close_timeout_s, self.send_timeout_s = close_timeout_s, send_timeout_s
         self.idle = asyncio.Event()  # set while the session has no work: shutdown may close it
         self._wake = asyncio.Event()  # the outbox has something for the send task
         self._drained = asyncio.Event()  # the outbox's replies are below the mark where recv pauses
@@ -117,13 +114,7 @@ class Connection:
                     await self._abort(item.code, item.reason)
                 if isinstance(item, p.Error):
                     metrics.ERRORS_TOTAL.labels(item.code or "internal").inc()
-                try:
-                    # A peer that takes no data for this long is as good as silent (pings queue behind).
-                    async with asyncio.timeout(self.send_timeout_s):
-                        await self.ws.send(p.encode(item, pcm16=self.pcm16))
-                except TimeoutError:
-                    logger.warning(f"stream {self.n}: the client took nothing for {self.send_timeout_s} s; dropping it")
-                    await self._abort(POLICY_VIOLATION, "client is not reading")
+                await self.ws.send(p.encode(item, pcm16=self.pcm16))  # StreamSocket bounds the wait
         except ConnectionClosed:
             raise _Closed from None
 
@@ -188,13 +179,72 @@ class Connection:
             self.idle.clear()
 
     async def _abort(self, code: int, reason: str) -> None:
-        """Close within close_timeout_s, even if the client stopped reading and the close frame can't drain."""
-        try:
-            async with asyncio.timeout(self.close_timeout_s):
-                await self.ws.close(code, reason)
-        except TimeoutError:
-            self.ws.transport.abort()
+        await self.ws.close(code, reason)  # StreamSocket.close: within close_timeout_s, read or not
         raise _Closed
+
+
+class StreamSocket(ServerConnection):
+    """websockets' server connection, made to drop a peer that does not read, whatever it was sent.
+
+    websockets writes the pong for each ping (and the reply to a close) straight into the transport:
+    control frames never wait for the peer to read. A peer that floods pings and reads nothing would
+    grow the write buffer without bound, and once the write side is blocked, the keepalive ping, a
+    send and a closing handshake all wait in `drain()` forever: `ping_timeout` and `close_timeout`
+    never start. So here a blocked write side lasts at most `ping_timeout`, replies written while it
+    is blocked at most `write_limit` bytes, and `close()` at most `close_timeout`; past any of them
+    the transport is aborted.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start with the write side open and no unread replies."""
+        super().connection_made(transport)
+        self._blocked: asyncio.TimerHandle | None = None  # armed while the write side is paused
+        self._unread_replies = 0  # bytes of replies to control frames written since it paused
+
+    def data_received(self, data: bytes) -> None:
+        """Handle the peer's bytes; drop it once its unread replies pass `write_limit`."""
+        before = self.transport.get_write_buffer_size()
+        super().data_received(data)  # may write pongs and a close frame, which never wait
+        if self.paused:
+            self._unread_replies += self.transport.get_write_buffer_size() - before
+            if self._unread_replies > self.write_limit_high:
+                self._drop(f"{self._unread_replies} bytes of replies to its control frames unread")
+
+    def pause_writing(self) -> None:
+        """The buffer passed `write_limit`: the peer has `ping_timeout` to read some of it."""
+        super().pause_writing()
+        self._blocked = self.loop.call_later(self.ping_timeout, self._drop, f"nothing read for {self.ping_timeout} s")
+
+    def resume_writing(self) -> None:
+        """The peer read: the clock and the reply allowance start over at the next pause."""
+        super().resume_writing()
+        self._blocked.cancel()
+        self._unread_replies = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Disarm the timer before websockets tears down."""
+        if self._blocked is not None:
+            self._blocked.cancel()
+        super().connection_lost(exc)
+
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Close with a handshake, or abort once `close_timeout` has passed (the close frame may never drain)."""
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await super().close(code, reason)
+        except TimeoutError:
+            self.transport.abort()
+
+    def _drop(self, why: str) -> None:
+        if not self.transport.is_closing():
+            logger.warning(f"client {peer(self)}: {why}; dropping it")
+        self.transport.abort()
+
+
+def peer(ws: ServerConnection) -> str:
+    """`host:port` of the client, for logs."""
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
 
 
 def _check_size(data: bytes | str, limit: int) -> None:

@@ -1,9 +1,11 @@
 """`pipecat-orpheus serve`: the WebSocket server around a shared `Synthesizer`.
 
-Thin on purpose: `process_request` answers `/healthz` and `/metrics` and checks the API key
-(401 before the upgrade), the handler enforces the connection limit, and each accepted stream
-is run by `connection.Connection` (its tasks) around a `session.Session` (its rules). SIGTERM
-stops accepting, gives in-flight work `server.shutdown_grace_s`, then closes streams with 1001.
+Thin on purpose: `process_request` answers `/healthz` and `/metrics`, 404s any other request
+target (taken literally, never resolved as a URL) and checks the API key (401 before the upgrade),
+the handler enforces the connection limit, and each accepted stream is run by
+`connection.Connection` (its tasks) around a `session.Session` (its rules) on a
+`connection.StreamSocket` (which drops a peer that reads nothing). SIGTERM stops accepting, gives
+in-flight work `server.shutdown_grace_s`, then closes streams with 1001 within `server.close_timeout_s`.
 """
 
 from __future__ import annotations
@@ -19,25 +21,26 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from loguru import logger
-from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import Server
 from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from pipecat_orpheus.wire import metrics
-from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.config import Config
-from pipecat_orpheus.wire.connection import Connection
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError
-from pipecat_orpheus.wire.session import Session
 from pipecat_orpheus.speech import Synthesizer, load_synthesizer
+from pipecat_orpheus.wire import metrics
+from pipecat_orpheus.wire import protocol as p
+from pipecat_orpheus.wire.connection import Connection, StreamSocket, peer
+from pipecat_orpheus.wire.session import Session
 
 STREAM_PATHS = ("/api/tts_streaming", "/ws")  # Kyutai's path, and a short alias
+PROBE_PATHS = ("/healthz", "/metrics")  # no parameters: a query string is refused
 GOING_AWAY = 1001  # RFC 6455: server shutting down
 TRY_AGAIN_LATER = 1013  # RFC 6455: at capacity (Kyutai: "no free channels")
 
@@ -77,7 +80,6 @@ class OrpheusServer:
             api_keys = os.environ.get(config.server.api_key_env, "").split(",")
         # Keys are kept only as digests: compared in constant time, never logged.
         self._key_digests = [_digest(k.strip()) for k in api_keys if k.strip()]
-        self._close_timeout_s = config.server.close_timeout_s
         self._sampling = SamplingParams.from_config(config.sampling)
         self._ws: Server | None = None
         self._streams: set[Connection] = set()
@@ -94,6 +96,7 @@ class OrpheusServer:
                 self._handle,
                 **where,
                 process_request=self._process_request,
+                create_connection=StreamSocket,  # drops a peer that reads nothing (pings unanswered included)
                 compression=None,  # PCM barely compresses; deflate costs ~300 KiB per connection
                 # The hard ceiling: past it, 1009 before buffering. Up to it, the connection checks
                 # limits.max_message_bytes itself and answers Error (the stream goes on).
@@ -105,7 +108,7 @@ class OrpheusServer:
                 open_timeout=self.config.limits.handshake_timeout_s,
                 ping_interval=self.config.server.ping_interval_s,
                 ping_timeout=self.config.server.ping_timeout_s,
-                close_timeout=self._close_timeout_s,
+                close_timeout=self.config.server.close_timeout_s,
             )
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
@@ -160,24 +163,26 @@ class OrpheusServer:
 
     # -- HTTP, before the upgrade ----------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        if url.path == "/healthz":
+    def _process_request(self, connection: StreamSocket, request: Request) -> Response | None:
+        path, query_string = _split_target(request.path)
+        if path in PROBE_PATHS and query_string is not None:
+            return _plain(400, f"{path} takes no query\n")
+        if path == "/healthz":
             if self.draining:
                 return _plain(503, "shutting down\n")
             return _plain(200, "ok\n") if self.synthesizer is not None else _plain(503, "loading\n")
-        if url.path == "/metrics":
+        if path == "/metrics":
             body, content_type = metrics.render()
             return _plain(200, body.decode(), content_type)
-        if url.path not in STREAM_PATHS:
+        if path not in STREAM_PATHS:
             return _plain(404, f"not found; the stream is at {STREAM_PATHS[0]}\n")
         if self.draining:
             metrics.CONNECTIONS_TOTAL.labels("shutting_down").inc()
             return _plain(503, "server is shutting down\n")
-        query = parse_qs(url.query)
+        query = parse_qs(query_string or "")
         if self._key_digests and not self._authorized(request, query):
             metrics.CONNECTIONS_TOTAL.labels("unauthorized").inc()
-            logger.info(f"{self}: refused {_peer(connection)}: missing or invalid API key")
+            logger.info(f"{self}: refused {peer(connection)}: missing or invalid API key")
             response = _plain(401, "missing or invalid API key\n")
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
@@ -207,21 +212,21 @@ class OrpheusServer:
 
     # -- one stream ------------------------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: StreamSocket) -> None:
         n = next(self._ids)
         limits = self.config.limits
         if self.synthesizer is None or len(self._streams) >= limits.max_connections:
             why = "the model is loading" if self.synthesizer is None else "limits.max_connections reached"
             metrics.CONNECTIONS_TOTAL.labels("busy").inc()
             metrics.ERRORS_TOTAL.labels("busy").inc()
-            logger.warning(f"{self}: refused stream {n} from {_peer(ws)}: {why}")
+            logger.warning(f"{self}: refused stream {n} from {peer(ws)}: {why}")
             try:
                 await ws.send(p.encode(p.Error(f"server at capacity: {why}", code="busy")))
                 await ws.close(TRY_AGAIN_LATER, "busy")
             except ConnectionClosed:
                 pass
             return
-        query = parse_qs(urlsplit(ws.request.path).query)
+        query = parse_qs(_split_target(ws.request.path)[1] or "")
         voice = query.get("voice", [self.config.voices.default])[-1]
         if voice not in self.config.voices.available:  # e.g. a Kyutai voice path: keep the client working
             logger.warning(f"{self}: stream {n}: unknown voice {voice!r}; using {self.config.voices.default!r}")
@@ -240,13 +245,11 @@ class OrpheusServer:
             self.synthesizer,
             sampling=self._sampling,
             pcm16=pcm16,
-            close_timeout_s=self._close_timeout_s,
-            send_timeout_s=self.config.server.ping_timeout_s,
         )
         self._streams.add(stream)
         metrics.CONNECTIONS.inc()
         metrics.CONNECTIONS_TOTAL.labels("accepted").inc()
-        logger.debug(f"{self}: stream {n} from {_peer(ws)} (voice={voice}, pcm16={pcm16})")
+        logger.debug(f"{self}: stream {n} from {peer(ws)} (voice={voice}, pcm16={pcm16})")
         try:
             await stream.run()
         finally:
@@ -265,9 +268,14 @@ def _plain(status: int, text: str, content_type: str = "text/plain; charset=utf-
     return Response(status, http.HTTPStatus(status).phrase, Headers(headers), body)
 
 
-def _peer(ws: ServerConnection) -> str:
-    address = ws.remote_address
-    return f"{address[0]}:{address[1]}" if address else "?"
+def _split_target(target: str) -> tuple[str, str | None]:
+    """(path, query or None) of a request target, taken literally: `//x/ws` is the path `//x/ws`.
+
+    Not `urlsplit`: it reads `//host/path` as a host and a path (so `//x/ws` would reach `/ws` past
+    a proxy's path rules) and raises on `//[`, which websockets would answer with a 500 and a traceback.
+    """
+    path, sep, query = target.partition("?")
+    return path, query if sep else None
 
 
 @asynccontextmanager

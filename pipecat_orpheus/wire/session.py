@@ -252,8 +252,7 @@ class Session:
                 f"Speak text has {len(message.text)} characters, over limits.max_utterance_chars "
                 f"({self.limits.max_utterance_chars})"
             )
-        pieces = split_text(message.text, self.max_chars_per_piece)
-        if not pieces:
+        if not message.text.strip():
             raise ProtocolError("Speak text is empty")
         queued = len({q.utterance for q in self._queue if isinstance(q, Piece) and not q.streamed})
         if queued >= self.limits.max_queued_utterances:
@@ -262,7 +261,7 @@ class Session:
                 f"({self.limits.max_queued_utterances})"
             )
         self._flush_text()
-        self._enqueue(pieces, voice, message.id, streamed=False)
+        self._enqueue(split_text(message.text, self.max_chars_per_piece), voice, message.id, streamed=False)
 
     def _on_flush(self, message: p.Flush) -> None:
         self._flush_text()
