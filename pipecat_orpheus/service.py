@@ -1,24 +1,20 @@
 """`OrpheusTTSService`: Orpheus speech in a Pipecat pipeline, from this process or from a server.
 
-One class, two sources of audio, picked by the constructor: without `url` it submits each
-sentence to the process-wide shared `Synthesizer` (one engine per process, loaded once, shared by
-every pipeline); with `url` it streams from an Orpheus server (ours or the Modal deployment)
-through `OrpheusClient`. Either way one sentence becomes one cancellable stream of 24 kHz float32
-PCM, so everything Pipecat-facing (frames, resampling, metrics, word times, interruption, errors)
-is written once; the modes differ only in where a sentence's audio comes from (`_local_speech`,
-`_remote_speech`) and how it is stopped (`AudioStream.cancel()`, or `Cancel{id}` to the server).
-A base class with two subclasses was considered and not taken: each would hold a dozen lines.
+One class over one `Synthesizer`, picked by the constructor: without `url` it is the process-wide
+shared engine (`load_synthesizer`: loaded once, shared by every pipeline); with `url` it is a
+`RemoteSynthesizer`, an Orpheus server (ours or the Modal deployment) over one connection.
+Either way one sentence is one cancellable stream of 24 kHz float32 PCM, so everything
+Pipecat-facing (frames, resampling, metrics, word times, interruption, errors) is written once;
+only opening and closing the source differ.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import CancelFrame, EndFrame, Frame, StartFrame, TTSAudioRawFrame
@@ -40,13 +36,12 @@ from pipecat_orpheus.errors import (
     RequestCancelled,
 )
 from pipecat_orpheus.pcm import float_to_pcm16_bytes
-from pipecat_orpheus.speech import AudioStream, Synthesizer, load_synthesizer
+from pipecat_orpheus.speech import SpeechStream, Synthesizer, load_synthesizer
 from pipecat_orpheus.text import word_timings
 from pipecat_orpheus.wire.client import OrpheusClient
+from pipecat_orpheus.wire.remote import RemoteSynthesizer
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "max_tokens")
-
-WordTimes = list[tuple[str, float]]  # (word, start in seconds from its sentence's first audio)
 
 
 @dataclass
@@ -128,11 +123,9 @@ class OrpheusTTSService(TTSService):
         )
         if not local and settings is not None:
             self._warn_unhandled_updated_settings(set(_SAMPLING_FIELDS) & set(settings.given_fields()))
-        self._synth: Synthesizer | None = None
-        self._client = client or (None if local else OrpheusClient(url, api_key=api_key))
-        self._request_ids = itertools.count()
-        self._inflight: dict[str, tuple[str, AudioStream | None]] = {}  # request id -> (context id, local stream)
-        self._cancels: set[asyncio.Task] = set()  # remote Cancel messages on their way
+        self._remote = None if local else RemoteSynthesizer(client or OrpheusClient(url, api_key=api_key))
+        self._synth: Synthesizer | None = self._remote  # local: the shared engine, once loaded at start
+        self._inflight: dict[SpeechStream, str] = {}  # stream of a sentence being spoken -> its context id
         self._context_audio_s: dict[str, float] = {}  # audio already generated in each context (turn)
         # Never cleared on a timer: a slow chunk must not lose the filter's history mid-sentence.
         self._out_resampler = create_stream_resampler(clear_after_secs=None)
@@ -146,16 +139,15 @@ class OrpheusTTSService(TTSService):
     async def start(self, frame: StartFrame):
         """Load the shared engine off the event loop (local), or connect to the server (remote)."""
         await super().start(frame)
-        if self._client is None:
-            try:
-                self._synth = await asyncio.to_thread(load_synthesizer, self._config)
-            except ModelLoadError as e:
-                await self._report(e, "could not load the Orpheus model")
-            return
         try:
-            await self._client.connect()
+            if self._remote is None:
+                self._synth = await asyncio.to_thread(load_synthesizer, self._config)
+            else:
+                await self._remote.connect()
+        except ModelLoadError as e:
+            await self._report(e, "could not load the Orpheus model")
         except (AuthError, EngineBusy, ConnectionError, ProtocolError) as e:
-            await self._report(e, f"could not connect to {self._client.url}")
+            await self._report(e, f"could not connect to {self._remote.client.url}")
 
     async def stop(self, frame: EndFrame):
         """Finish the queued audio, then release this service's requests and connection."""
@@ -173,12 +165,12 @@ class OrpheusTTSService(TTSService):
         await self._shutdown()
 
     async def _shutdown(self) -> None:
-        """Cancel this service's requests (never the shared engine itself) and close the connection."""
-        for request_id in list(self._inflight):
-            await self._cancel_request(request_id)
-        if self._client is not None:
-            await self._client.close()  # the server cancels whatever the connection still had running
-        await asyncio.gather(*self._cancels)  # they end with the connection, confirmed or not
+        """Cancel this service's sentences (never the shared engine itself) and close the connection."""
+        for stream in list(self._inflight):
+            stream.cancel()
+        self._inflight.clear()
+        if self._remote is not None:
+            await self._remote.aclose()  # the server cancels whatever the connection still had running
 
     # -- settings --------------------------------------------------------------------------
 
@@ -192,7 +184,7 @@ class OrpheusTTSService(TTSService):
                 setattr(self._settings, name, old)
             await self.push_error(f"Orpheus setting refused: {e}", exception=e, category=ErrorCategory.APPLICATION)
             return {}
-        fixed = {"model"} | (set(_SAMPLING_FIELDS) if self._client is not None else set())
+        fixed = {"model"} | (set(_SAMPLING_FIELDS) if self._remote is not None else set())
         self._warn_unhandled_updated_settings(fixed & set(changed))  # the server samples as it is configured
         return changed
 
@@ -214,77 +206,40 @@ class OrpheusTTSService(TTSService):
             text: The sentence (the base class aggregates LLM tokens into sentences).
             context_id: The turn's audio context, shared by the sentences of one reply.
         """
-        request_id = f"{context_id}:{next(self._request_ids)}"  # one engine request per sentence
         offset_s = self._context_audio_s.get(context_id, 0.0)  # where this sentence starts in the turn
         samples = 0  # 24 kHz samples of this sentence so far
         await self.start_tts_usage_metrics(text)
         await self._out_resampler.reset()
-        source = self._local_speech if self._client is None else self._remote_speech
-        speech = source(text, context_id, request_id)
+        stream = None
         try:
-            async for item in speech:
-                if isinstance(item, np.ndarray):  # (n,) float32 at 24 kHz
-                    await self.stop_ttfb_metrics()
-                    samples += len(item)
-                    audio = await self._resample(float_to_pcm16_bytes(item))
-                    if audio:
-                        yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
-                else:
-                    await self.add_word_timestamps([(w, offset_s + t) for w, t in item], context_id)
+            if self._synth is None:
+                raise ModelLoadError("the Orpheus model is not loaded (see the error reported at start)")
+            stream = self._synth.submit(text, voice=self._settings.voice, sampling=self._sampling(self._settings))
+            self._inflight[stream] = context_id
+            async for pcm in stream:  # (n,) float32 at 24 kHz
+                await self.stop_ttfb_metrics()
+                samples += len(pcm)
+                audio = await self._resample(float_to_pcm16_bytes(pcm))
+                if audio:
+                    yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+            if stream.cancelled:
+                return
             tail = await self._resample(b"", last=True)
             if tail:
                 yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
-            self._context_audio_s[context_id] = offset_s + samples / fmt.SAMPLE_RATE
+            duration_s = samples / fmt.SAMPLE_RATE
+            words = [(w, offset_s + start) for w, start, _ in word_timings(text, 0.0, duration_s)]
+            await self.add_word_timestamps(words, context_id)
+            self._context_audio_s[context_id] = offset_s + duration_s
         except RequestCancelled:
             pass
         except Exception as e:
             await self._report(e, f"Orpheus could not speak {text[:40]!r}")
         finally:
-            await speech.aclose()
+            if stream is not None:
+                self._inflight.pop(stream, None)
+                await stream.aclose()  # no-op when the stream has finished
             await self.stop_ttfb_metrics()
-
-    async def _local_speech(self, text: str, context_id: str, request_id: str) -> AsyncIterator[np.ndarray | WordTimes]:
-        """PCM chunks from the shared engine, then the sentence's estimated word times."""
-        if self._synth is None:
-            raise ModelLoadError("the Orpheus model is not loaded (see the error reported at start)")
-        stream = self._synth.submit(text, voice=self._settings.voice, sampling=self._sampling(self._settings))
-        self._inflight[request_id] = (context_id, stream)
-        samples = 0
-        try:
-            async for pcm in stream:
-                samples += len(pcm)
-                yield pcm
-            yield [(w, start) for w, start, _ in word_timings(text, 0.0, samples / fmt.SAMPLE_RATE)]
-        finally:
-            await self._cancel_request(request_id)  # no-op when the stream has finished
-
-    async def _remote_speech(
-        self, text: str, context_id: str, request_id: str
-    ) -> AsyncIterator[np.ndarray | WordTimes]:
-        """PCM chunks of one server utterance, then the server's word times for it.
-
-        A connection found dropped (the server restarted, an idle proxy closed it) is reopened
-        and the sentence sent again, as long as none of its audio has arrived yet.
-        """
-        for attempt in range(2):
-            utterance, heard = None, False
-            self._inflight[request_id] = (context_id, None)
-            try:
-                utterance = await self._client.speak(text, voice=self._settings.voice, id=request_id)
-                async for pcm in utterance:
-                    heard = True
-                    yield pcm
-                yield utterance.word_times()
-                return
-            except ConnectionError as e:
-                if heard or attempt:
-                    raise
-                logger.info(f"{self}: connection lost ({e}); reconnecting")
-                await self._client.close()
-            finally:
-                if utterance is None or utterance.finished:
-                    self._inflight.pop(request_id, None)
-                await self._cancel_request(request_id)  # stopped early: Cancel{id} frees it on the server
 
     async def _resample(self, pcm16: bytes, *, last: bool = False) -> bytes:
         """24 kHz int16 bytes to the pipeline's rate (even length); `last` flushes the filter."""
@@ -297,35 +252,16 @@ class OrpheusTTSService(TTSService):
     # -- interruption ----------------------------------------------------------------------
 
     async def on_audio_context_interrupted(self, context_id: str):
-        """Barge-in: cancel every request of the interrupted turn at once."""
-        for request_id, (ctx, _) in list(self._inflight.items()):
+        """Barge-in: cancel every sentence of the interrupted turn at once (no network wait)."""
+        for stream, ctx in list(self._inflight.items()):
             if ctx == context_id:
-                await self._cancel_request(request_id)
+                del self._inflight[stream]
+                stream.cancel()
         self._context_audio_s.pop(context_id, None)
 
     async def on_audio_context_completed(self, context_id: str):
         """Forget the turn's running audio time once it has played."""
         self._context_audio_s.pop(context_id, None)
-
-    async def _cancel_request(self, request_id: str) -> None:
-        """Stop one request now: the engine frees its slot at the next step; the server gets Cancel."""
-        entry = self._inflight.pop(request_id, None)
-        if entry is None:
-            return
-        stream = entry[1]
-        if stream is not None:
-            stream.cancel()
-        elif self._client is not None and self._client.connected:
-            # Not awaited: the interruption must not wait a network round trip for the confirmation.
-            task = asyncio.get_running_loop().create_task(self._send_cancel(request_id))
-            self._cancels.add(task)
-            task.add_done_callback(self._cancels.discard)
-
-    async def _send_cancel(self, request_id: str) -> None:
-        try:
-            await self._client.cancel(request_id)
-        except (ConnectionError, TimeoutError) as e:  # a closed connection has cancelled it anyway
-            logger.debug(f"{self}: Cancel {request_id} not confirmed: {e}")
 
     # -- errors ----------------------------------------------------------------------------
 

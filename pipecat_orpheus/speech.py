@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+import numpy as np
+
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config, SamplingConfig, VoiceConfig
 from pipecat_orpheus.engine.request import SamplingParams
@@ -18,10 +20,28 @@ from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.text import split_text
 
 
-class Synthesizer(Protocol):
-    """A source of speech shared by every caller in the process."""
+class SpeechStream(Protocol):
+    """One text's audio: float32 mono 24 kHz PCM chunks, as an async iterator, cancellable at once."""
 
-    def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> AudioStream:
+    cancelled: bool
+
+    def __aiter__(self) -> SpeechStream: ...
+
+    async def __anext__(self) -> np.ndarray: ...
+
+    def cancel(self) -> None:
+        """Stop now: iteration ends and the source frees the request."""
+        ...
+
+    async def aclose(self) -> None:
+        """Cancel unless finished."""
+        ...
+
+
+class Synthesizer(Protocol):
+    """A source of speech: the shared engine (`Speech`) or a server (`wire.remote.RemoteSynthesizer`)."""
+
+    def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> SpeechStream:
         """Start speaking `text`; raises `EngineBusy` at once when the queue is full."""
         ...
 

@@ -122,9 +122,16 @@ class OrpheusEngine:
         if self._switch_interval:
             _SwitchInterval.acquire(config.switch_interval_ms)
         # graphs and warm-up before the step thread starts: no other thread may use the GPU meanwhile
-        self.runner.capture_graphs()
-        self.runner.warm_up()
-        codec.capture_graphs()
+        self.start_timings: dict[str, float] = {}  # seconds per start stage, logged: where a cold start goes
+        for stage, run in (
+            ("engine graphs", self.runner.capture_graphs),
+            ("prefill warm-up", self.runner.warm_up),
+            ("codec graphs", codec.capture_graphs),
+        ):
+            t0 = time.perf_counter()
+            run()
+            self.start_timings[stage] = time.perf_counter() - t0
+        logger.info(f"{self}: started ({', '.join(f'{k} {v:.1f} s' for k, v in self.start_timings.items())})")
         self._thread = threading.Thread(target=self._loop, name="orpheus-engine", daemon=True)
         self._thread.start()
 

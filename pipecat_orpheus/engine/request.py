@@ -103,8 +103,3 @@ class Request:
     def is_done(self) -> bool:
         """Finished or cancelled: nothing more will be generated."""
         return self.status in (RequestStatus.FINISHED, RequestStatus.CANCELLED)
-
-    @property
-    def last_token(self) -> int:
-        """The token fed to the next decode step (the last one sampled)."""
-        return self.output_ids[self.piece][-1]

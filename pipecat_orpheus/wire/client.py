@@ -13,19 +13,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict, deque
+from http import HTTPStatus
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 from loguru import logger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import CloseCode
 
 from pipecat_orpheus.errors import AuthError, EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
 from pipecat_orpheus.wire import protocol as p
 
 DEFAULT_PATH = "/api/tts_streaming"
-UNAUTHORIZED = 401
 
 
 class Utterance:
@@ -65,6 +66,11 @@ class Utterance:
         """Every remaining sample, concatenated."""
         chunks = [chunk async for chunk in self]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+    def stop(self) -> None:
+        """End the iteration here, as cancelled, without telling the server (`OrpheusClient.cancel` does)."""
+        self.cancelled = True
+        self._end()
 
     def _end(self, error: BaseException | None = None) -> None:
         if not self.finished:
@@ -121,7 +127,6 @@ class OrpheusClient:
         self._cancels: dict[p.MessageId | None, deque[asyncio.Future]] = defaultdict(deque)
         self._ids = itertools.count(1)
         self._received_samples = 0  # the connection's audio timeline, as the server counts it
-        self.last_error: p.Error | None = None  # the latest Error that named no utterance
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -157,7 +162,7 @@ class OrpheusClient:
                     await ws.close()
                     raise
         except InvalidStatus as e:
-            if e.response.status_code == UNAUTHORIZED:
+            if e.response.status_code == HTTPStatus.UNAUTHORIZED:
                 raise AuthError(f"{self.url}: the server refused the API key (HTTP 401)") from None
             raise ConnectionError(f"{self.url}: the server refused the connection: {e}") from None
         except InvalidURI:
@@ -241,8 +246,7 @@ class OrpheusClient:
         """Barge-in: stop utterance `id` (None: everything) and wait until the server confirms."""
         if not self.connected:
             for utterance in [u for key, u in self._utterances.items() if id is None or key == id]:
-                utterance.cancelled = True
-                utterance._end()
+                utterance.stop()
             return
         waiter = asyncio.get_running_loop().create_future()
         self._cancels[id].append(waiter)
@@ -270,7 +274,7 @@ class OrpheusClient:
                     logger.warning(f"{self}: ignoring a malformed server message: {e}")
         except ConnectionClosed as e:
             error = e
-        normal = ws.close_code == 1000
+        normal = ws.close_code == CloseCode.NORMAL_CLOSURE
         for id, utterance in list(self._utterances.items()):
             if id is None and normal:
                 utterance._end()  # Kyutai style: a normal close after Eos ends the stream
@@ -305,15 +309,12 @@ class OrpheusClient:
             _resolve(self._markers, message.id)
         elif isinstance(message, p.Cancelled):
             for id in [k for k in self._utterances if message.id is None or k == message.id]:
-                utterance = self._utterances.pop(id)
-                utterance.cancelled = True
-                utterance._end()
+                self._utterances.pop(id).stop()
             _resolve(self._cancels, message.id)
         elif isinstance(message, p.Error):
             utterance = self._utterances.pop(message.id, None) if message.id is not None else None
             if utterance is None:
                 logger.warning(f"{self}: server error: {message.message} ({message.code})")
-                self.last_error = message
             elif message.code == EngineBusy.code:
                 utterance._end(EngineBusy(message.message))
             else:

@@ -28,6 +28,7 @@ from websockets.asyncio.server import Server
 from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from pipecat_orpheus.config import Config
@@ -41,8 +42,6 @@ from pipecat_orpheus.wire.session import Session
 
 STREAM_PATHS = ("/api/tts_streaming", "/ws")  # Kyutai's path, and a short alias
 PROBE_PATHS = ("/healthz", "/metrics")  # no parameters: a query string is refused
-GOING_AWAY = 1001  # RFC 6455: server shutting down
-TRY_AGAIN_LATER = 1013  # RFC 6455: at capacity (Kyutai: "no free channels")
 
 
 class OrpheusServer:
@@ -222,7 +221,7 @@ class OrpheusServer:
             logger.warning(f"{self}: refused stream {n} from {peer(ws)}: {why}")
             try:
                 await ws.send(p.encode(p.Error(f"server at capacity: {why}", code="busy")))
-                await ws.close(TRY_AGAIN_LATER, "busy")
+                await ws.close(CloseCode.TRY_AGAIN_LATER, "busy")  # Kyutai: "no free channels"
             except ConnectionClosed:
                 pass
             return

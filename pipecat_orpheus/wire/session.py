@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from loguru import logger
+from websockets.frames import CloseCode
 
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
 from pipecat_orpheus.errors import EngineBusy, InvalidRequest, ProtocolError
@@ -28,9 +29,6 @@ from pipecat_orpheus.format import SAMPLE_RATE
 from pipecat_orpheus.pcm import PcmFramer
 from pipecat_orpheus.text import SentenceBuffer, split_text, word_timings
 from pipecat_orpheus.wire import protocol as p
-
-NORMAL_CLOSURE = 1000  # RFC 6455: done, after Eos
-POLICY_VIOLATION = 1008  # RFC 6455: the client broke a rule (stopped reading)
 
 
 @dataclass(slots=True)
@@ -50,6 +48,61 @@ class Piece:
 @dataclass(slots=True)
 class _Barrier:
     id: p.MessageId
+
+
+class _Queue:
+    """The pieces and markers waiting for the speech source, with the counts the limits check.
+
+    The counts are kept as items come and go, so checking a limit costs the same however many
+    items wait (a client sending many small messages must not make each one slower).
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[Piece | _Barrier] = deque()
+        self.streamed_chars = 0  # text of queued `Text` sentences
+        self.markers = 0
+        self._spoken: dict[int, int] = {}  # utterance of a `Speak` -> its pieces still queued
+
+    @property
+    def utterances(self) -> int:
+        """`Speak` utterances with a piece still queued."""
+        return len(self._spoken)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def append(self, item: Piece | _Barrier) -> None:
+        self._items.append(item)
+        self._count(item, 1)
+
+    def popleft(self) -> Piece | _Barrier:
+        item = self._items.popleft()
+        self._count(item, -1)
+        return item
+
+    def drop(self, match) -> None:
+        """Remove the pieces `match` selects (markers stay)."""
+        kept = deque(q for q in self._items if isinstance(q, _Barrier) or not match(q))
+        self.clear()
+        for item in kept:
+            self.append(item)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.streamed_chars = self.markers = 0
+        self._spoken.clear()
+
+    def _count(self, item: Piece | _Barrier, sign: int) -> None:
+        if isinstance(item, _Barrier):
+            self.markers += sign
+        elif item.streamed:
+            self.streamed_chars += sign * len(item.text)
+        else:
+            left = self._spoken.get(item.utterance, 0) + sign
+            if left:
+                self._spoken[item.utterance] = left
+            else:
+                self._spoken.pop(item.utterance, None)
 
 
 @dataclass(slots=True)
@@ -112,7 +165,7 @@ class Session:
         self.outbox: deque[_Out] = deque()
         self.closed = False  # a Close or Abort has been issued: every later event is ignored
         self._actions: list[Action] = []
-        self._queue: deque[Piece | _Barrier] = deque()
+        self._queue = _Queue()
         self._current: Piece | None = None
         self._framer = PcmFramer()  # the current piece's audio -> 1920-sample messages, short last one
         self._sentences = SentenceBuffer(max_chars_per_piece)
@@ -254,7 +307,7 @@ class Session:
             )
         if not message.text.strip():
             raise ProtocolError("Speak text is empty")
-        queued = len({q.utterance for q in self._queue if isinstance(q, Piece) and not q.streamed})
+        queued = self._queue.utterances
         if queued >= self.limits.max_queued_utterances:
             raise ProtocolError(
                 f"{queued} utterances already queued: limits.max_queued_utterances "
@@ -267,7 +320,7 @@ class Session:
         self._flush_text()
 
     def _on_marker(self, message: p.Marker) -> None:
-        waiting = sum(isinstance(q, _Barrier) for q in self._queue)
+        waiting = self._queue.markers
         if waiting >= self.limits.max_queued_utterances:  # markers wait in the utterance queue
             raise ProtocolError(
                 f"{waiting} markers already waiting: limits.max_queued_utterances ({self.limits.max_queued_utterances})"
@@ -300,8 +353,7 @@ class Session:
     # -- internals ---------------------------------------------------------------------------
 
     def _check_buffered(self, extra: int) -> None:
-        queued = sum(len(q.text) for q in self._queue if isinstance(q, Piece) and q.streamed)
-        buffered = len(self._sentences.pending) + queued + extra
+        buffered = len(self._sentences.pending) + self._queue.streamed_chars + extra
         if buffered > self.limits.max_buffered_chars:
             raise ProtocolError(
                 f"{buffered} characters of Text buffered, over limits.max_buffered_chars "
@@ -320,7 +372,7 @@ class Session:
             self._next_key += 1
 
     def _drop(self, match) -> None:
-        self._queue = deque(q for q in self._queue if isinstance(q, _Barrier) or not match(q))
+        self._queue.drop(match)
 
     def _advance(self) -> None:
         """Start the next piece, echoing the markers it passes; close after Eos once all is done."""
@@ -332,7 +384,7 @@ class Session:
                 self._current = item
                 self._actions.append(Start(item))
         if self._ended and self._current is None and not self._queue and not self.closed:
-            self.outbox.append(_Out(Close(NORMAL_CLOSURE)))
+            self.outbox.append(_Out(Close(CloseCode.NORMAL_CLOSURE)))  # done, after Eos
             self.closed = True
 
     def _send(self, message: object, piece: Piece | None = None) -> None:
@@ -358,7 +410,7 @@ class Session:
         self.outbox.clear()
         self._unsent_samples = self._unsent_messages = 0
         self._send(p.Error(reason, code="bad_request"))
-        self._actions.append(Abort(POLICY_VIOLATION, reason))
+        self._actions.append(Abort(CloseCode.POLICY_VIOLATION, reason))  # the client broke a rule: it stopped reading
         self.closed = True
 
     def __str__(self) -> str:

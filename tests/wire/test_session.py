@@ -11,7 +11,7 @@ from pipecat_orpheus.config import LimitsConfig, VoiceConfig
 from pipecat_orpheus.errors import EngineBusy
 from pipecat_orpheus.pcm import MESSAGE_SAMPLES
 from pipecat_orpheus.wire import protocol as p
-from pipecat_orpheus.wire.session import Abort, Close, Session, Start, Stop
+from pipecat_orpheus.wire.session import Abort, Close, Piece, Session, Start, Stop
 
 
 class Driver:
@@ -88,6 +88,16 @@ ops = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
+def assert_queue_counts(session: Session) -> None:
+    """The queue's running counts (what the limits check per message) equal a recount of its items."""
+    queue = session._queue
+    items = list(queue._items)
+    pieces = [q for q in items if isinstance(q, Piece)]
+    assert queue.streamed_chars == sum(len(q.text) for q in pieces if q.streamed)
+    assert queue.utterances == len({q.utterance for q in pieces if not q.streamed})
+    assert queue.markers == len(items) - len(pieces)
+
+
 @given(ops=ops)
 def test_ordering_rules_hold_for_any_interleaving(ops):
     """Markers, Cancel, Done, word timings and 80 ms framing stay correct under any event order."""
@@ -119,6 +129,7 @@ def test_ordering_rules_hold_for_any_interleaving(ops):
             d.finish(EngineBusy("full"))
         else:
             d.drain()
+        assert_queue_counts(d.session)
     d.receive(p.Eos())
     d.run_to_end()
     sent = d.sent
