@@ -2,7 +2,7 @@
 
 Pure Python and numpy, no torch. Sources: Canopy Labs' Orpheus-TTS repository (the data-prep
 scripts define `<custom_token_N>` = id 128256 + N and the training sequence
-`SOH BOS text EOT EOH SOA SOS audio EOS EOA`; `decoder.py` gives the frame layout) and the
+`SOH BOS text EOT EOH SOA SOS audio EOS EOA`; its `orpheus_tts/decoder.py` gives the frame layout) and the
 model's `config.json` (Llama-3.2 3B: vocabulary 156,940).
 """
 

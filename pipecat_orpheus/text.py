@@ -1,6 +1,6 @@
 """Text handling around the model: split long text into pieces, find sentence ends, estimate word timings.
 
-Orpheus loses the plot past ~280 characters (research/orpheus.md 2.5), so long text is split at
+Orpheus loses the plot past ~280 characters (Baseten's Orpheus server chunks at 280 for this), so long text is split at
 sentence boundaries and the pieces are spoken in order as one utterance. Emotion tags such as
 `<laugh>` are never cut and never counted as words.
 """

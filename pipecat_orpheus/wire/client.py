@@ -1,4 +1,4 @@
-"""`OrpheusClient`: an asyncio client of the Orpheus WebSocket protocol (shared/PROTOCOL.md).
+"""`OrpheusClient`: an asyncio client of the Orpheus WebSocket protocol (PROTOCOL.md).
 
 Used by the remote mode of the Pipecat service, and usable on its own. One connection carries
 many utterances: `speak()` returns an `Utterance` whose audio arrives as float32 chunks as the

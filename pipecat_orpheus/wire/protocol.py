@@ -2,7 +2,7 @@ r"""The WebSocket protocol as data: one small class per message, msgpack in and 
 
 Kyutai's moshi-server TTS protocol is the core (`Text`, `Eos`, `Voice` in; `Ready`, `Audio`,
 `Text` word timings, `Error` out), so a client written for it works unchanged; `Speak`,
-`Flush`, `Marker`, `Cancel`, `Cancelled` and `Done` are our extensions (shared/PROTOCOL.md).
+`Flush`, `Marker`, `Cancel`, `Cancelled` and `Done` are our extensions (PROTOCOL.md at the repository's root).
 Every frame is a msgpack map with a string `type`; a WebSocket text frame is taken as
 `Text{text}` and the binary frame `b"\0"` as `Eos`, as moshi-server does. Anything malformed
 raises `ProtocolError`, which the server turns into `Error{code: bad_request}`.
