@@ -1,4 +1,4 @@
-"""Benchmark of the streaming SNAC codec (pipecat_orpheus/codec.py).
+"""Benchmark of the streaming SNAC codec (pipecat_orpheus/codec).
 
 Measures, on a real-size SNAC 24 kHz with random weights (the compute of the real model; the
 sound is noise):
@@ -9,8 +9,8 @@ sound is noise):
   3. the GPU share at 256 real-time streams, frames/s at saturation, first-window cost.
 Writes a JSON (default bench/results/codec_h100.json) and prints a short table.
 
-  python bench/bench_codec.py                      # GPU, real-size SNAC
-  python bench/bench_codec.py --tiny --device cpu  # quick CPU check of the script itself
+  python3 -m bench.codec.run                      # GPU, real-size SNAC
+  python3 -m bench.codec.run --tiny --device cpu  # quick CPU check of the script itself
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,28 +25,16 @@ import numpy as np
 import torch
 from snac import SNAC
 
+from bench.common import REAL_SNAC, command_line, snr_db
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.codec.stream import Window
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipecat_orpheus.testing import tiny_snac_config
 
-REAL_SNAC = dict(
-    sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024, decoder_rates=[8, 8, 4, 2],
-    attn_window_size=None, codebook_size=4096, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
-)  # fmt: skip
 FRAMES_PER_S = SAMPLE_RATE / SAMPLES_PER_FRAME  # 11.72 windows per second per real-time stream
 TARGET_DB = 40.0
-ENGINE_STEP_MS = (3.52, 5.41)  # DESIGN.md: decode step at batch 1 and 64 (audio-rows head), for lookahead cost
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def snr_db(test: np.ndarray, ref: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((test - ref) ** 2), 1e-30)))
+ENGINE_STEP_MS = (3.52, 5.41)  # an H100 decode step at batch 1 and 64 (audio-rows head), for the lookahead cost
 
 
 def stream_decode(codec: SnacCodec, seqs: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
@@ -236,7 +223,7 @@ def report(args, name, grid, left, right, variants, rng) -> dict:
     first_ms = time_decode(codec, first_windows, args.reps)
     result = {
         "device": name,
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "model": "SNAC 24 kHz config, random weights" if not args.tiny else "tiny SNAC (script check only)",
         "fidelity_db": grid[f"L{left}_R{right}"]["min_stream_snr_db"],
         "lookahead_frames": right,

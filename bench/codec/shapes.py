@@ -2,23 +2,22 @@
 
 A live stream decodes its first frames, frames sent early for their deadline and its tail in
 other window shapes than the steady one; when many streams start at once these edge shapes fill
-the engine's steps. For every shape of `codec_stream.graphed_shapes` and a few batch sizes this
+the engine's steps. For every shape of `codec.stream.graphed_shapes` and a few batch sizes this
 times one graph replay (CUDA events) of a real-size random SNAC 24 kHz in float16, and checks
 the same path against a float32 eager decode of random windows (SNR), for:
   graphs      no compile (the eager decode captured as graphs);
   default     windows with the full left context compiled whole (what `codec.compile` does).
-`codec_shapes_h100.json` also holds a third variant of an earlier run, "pointwise": Snake and the
-hashed noise compiled with dynamic shapes for every shape (see bench/README.md).
+`results/history/codec_shapes_h100.json` also holds a third variant, "pointwise": Snake and the
+hashed noise compiled with dynamic shapes for every shape (see bench/results/history/README.md).
 
-  python bench/bench_codec_shapes.py --out $OUT/codec_shapes_h100.json      # GPU
-  python bench/bench_codec_shapes.py --tiny --device cpu --out /tmp/shapes.json   # CPU check of the script
+  python3 -m bench.codec.shapes --out $OUT/codec_shapes_h100.json      # GPU
+  python3 -m bench.codec.shapes --tiny --device cpu --out /tmp/shapes.json   # CPU check of the script
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,14 +25,12 @@ import numpy as np
 import torch
 from snac import SNAC
 
+from bench.common import REAL_SNAC, snr_db
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.codec.stream import Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE
 from pipecat_orpheus.testing import tiny_snac_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec import REAL_SNAC, snr_db  # noqa: E402
 
 
 def variant(model, name: str, device, max_batch: int) -> SnacCodec:

@@ -14,8 +14,8 @@ real-size random SNAC, both built in-process. In one run:
 Levels that would end past --budget-s (330 s from start) are skipped, so one run fits in about
 6 minutes. Writes engine_h100.json (after every level) and engine_h100.png to --out-dir.
 
-  python bench/bench_engine.py --out-dir bench/results          # GPU
-  python bench/bench_engine.py --tiny --out-dir /tmp/bench       # quick CPU check of the script
+  python3 -m bench.engine.run --out-dir bench/results          # GPU
+  python3 -m bench.engine.run --tiny --out-dir /tmp/bench       # quick CPU check of the script
 """
 
 from __future__ import annotations
@@ -25,68 +25,27 @@ import asyncio
 import dataclasses
 import gc
 import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import build, command_line, copy_bandwidth, sync
+from bench.engine.correctness import correctness
+from bench.engine.report import level_stats, plot, summarize, summary_table
+from bench.engine.steps import kernel_profile, kv_bytes_per_token, step_timing, weight_bytes
+from bench.engine.trace import LevelTrace, diagnose
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.codec.stream import FRAME_S
-from pipecat_orpheus.config import EngineConfig, load_config
+from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
-from pipecat_orpheus.engine.attention import triton_available
-from pipecat_orpheus.engine.model import OrpheusLM
-from pipecat_orpheus.engine.request import Request
-from pipecat_orpheus.engine.runner import ModelRunner
-from pipecat_orpheus.engine.sampler import N_HEAD_ROWS
-from pipecat_orpheus.engine.scheduler import Scheduler
-from pipecat_orpheus.reference import generate_tokens
 from pipecat_orpheus.speech import Speech, speech_for
-from pipecat_orpheus.testing import make_tiny_tokenizer, tiny_llama_config, tiny_snac_config
-
-REAL_LLAMA = dict(
-    hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-    head_dim=128,
-)  # fmt: skip
-REAL_SNAC = dict(
-    sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024, decoder_rates=[8, 8, 4, 2],
-    attn_window_size=None, codebook_size=4096, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True,
-)  # fmt: skip
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bandwidth import copy_bandwidth, sync  # noqa: E402
-from bench_engine_report import level_stats, plot, summarize, summary_table  # noqa: E402
-from bench_engine_steps import kernel_profile, kv_bytes_per_token, step_timing, weight_bytes  # noqa: E402
-from bench_engine_trace import LevelTrace, diagnose  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def build(args, device, dtype):
-    """The random Orpheus-shaped LLM, its tokenizer and a random SNAC."""
-    from snac import SNAC
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    cfg = tiny_llama_config(**({} if args.tiny else REAL_LLAMA))
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            llm = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
-    llm.generation_config.eos_token_id = fmt.END_OF_SPEECH
-    tok_dir = Path(tempfile.mkdtemp()) / "tok"
-    make_tiny_tokenizer(tok_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    snac = SNAC(**(tiny_snac_config() if args.tiny else REAL_SNAC)).to(device).eval()
-    return llm, tokenizer, snac
 
 
 # -- baselines -------------------------------------------------------------------------------------
@@ -107,80 +66,7 @@ def hf_baseline(llm, device, batch: int, new_tokens: int, static: bool) -> float
     return batch * new_tokens / (time.perf_counter() - t0)
 
 
-# -- correctness -----------------------------------------------------------------------------------
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def hf_first_logits(llm, prompt: list[int], device) -> torch.Tensor:
-    """transformers' logits of the first audio token over the head rows (audio tokens + END_OF_SPEECH), float32."""
-    rows = torch.cat([torch.arange(fmt.AUDIO_TOKEN_OFFSET, fmt.AUDIO_TOKEN_END), torch.tensor([fmt.END_OF_SPEECH])])
-    with torch.inference_mode():
-        return llm(torch.tensor([prompt], device=device)).logits[0, -1].float()[rows.to(device)]
-
-
-def engine_first_logits(lm: OrpheusLM, prompt: list[int], device) -> torch.Tensor:
-    """The engine's prefill + head at the same position (its fused kernels where Triton runs), float32."""
-    n = len(prompt)
-    shape = (lm.num_layers, 1, lm.num_kv_heads, 256, lm.head_dim)
-    kc, vc = torch.zeros(shape, dtype=lm.dtype, device=device), torch.zeros(shape, dtype=lm.dtype, device=device)
-    with torch.inference_mode():
-        hidden = lm.forward(
-            torch.tensor(prompt, device=device), torch.arange(n, device=device),
-            torch.zeros(n, dtype=torch.long, device=device), kc, vc, n, triton_available(device),
-        )  # fmt: skip
-        return lm.head_logits(hidden[-1:])[0, :N_HEAD_ROWS]
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||."""
-    return float((a - b).norm() / b.norm())
-
-
-def correctness(llm, tokenizer, device, args, kv_cache_dtype: str, ref: list | None) -> tuple[dict, list]:
-    """Greedy runner tokens (graphs + kernels, staggered joins) vs reference.generate_tokens."""
-    greedy = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=args.check_tokens)
-    texts = ["Hello there, how are you?", "The quick brown fox.", "One more sentence to check."][: args.check_prompts]
-    prompts = [fmt.build_prompt(tokenizer, t, "tara") for t in texts]
-    cfg = EngineConfig(
-        max_slots=8, max_tokens_per_slot=256, prefill_chunk_tokens=16, cuda_graphs=True, kv_cache_dtype=kv_cache_dtype
-    )
-    runner = ModelRunner(OrpheusLM(llm, max_positions=256), cfg)
-    runner.capture_graphs()
-    sched = Scheduler(max_slots=8, max_queue=8, max_tokens_per_slot=256, prefill_chunk_tokens=16)
-    reqs = [Request(f"c{i}", [p], greedy, seed=0) for i, p in enumerate(prompts)]
-    step_no = 0
-    while any(not r.is_done for r in reqs) or step_no < len(reqs):
-        if step_no < len(reqs):
-            sched.admit(reqs[step_no])  # one joins per step: prefill interleaves with decode
-        step = sched.schedule()
-        if not step.empty:
-            dec, first = runner.step(step)
-            sched.postprocess(step, dec.tolist(), first.tolist())
-        step_no += 1
-    ref = ref or [list(generate_tokens(llm, p, greedy)) for p in prompts]
-    got = [[t for t in r.output_ids[0] if t != fmt.END_OF_SPEECH] for r in reqs]
-    prefix = [first_difference(g, e) for g, e in zip(got, ref, strict=True)]
-    same = [sum(a == b for a, b in zip(g, e, strict=False)) for g, e in zip(got, ref, strict=False)]
-    rel = relative_error(engine_first_logits(runner.lm, prompts[0], device), hf_first_logits(llm, prompts[0], device))
-    del runner
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    total = sum(len(e) for e in ref)
-    return {
-        "kv_cache_dtype": kv_cache_dtype,
-        "prompts": len(prompts),
-        "tokens_per_prompt": args.check_tokens,
-        "identical_sequences": sum(g == e for g, e in zip(got, ref, strict=False)),
-        "matching_prefix_tokens": prefix,
-        "position_match_rate": sum(same) / max(total, 1),
-        "prefix_match_rate": sum(prefix) / max(total, 1),
-        "first_step_logits_rel_err": rel,
-    }, ref
+# -- codec graphs ----------------------------------------------------------------------------------
 
 
 def codec_graph_check(snac, config, device, rng) -> dict:
@@ -303,14 +189,14 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     out_json = out_dir / "engine_h100.json"
     result: dict = {
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
     log(f"device {result['device']}, torch {torch.__version__}")
 
     bw = copy_bandwidth(device)
-    llm, tokenizer, snac = build(args, device, dtype)
+    llm, tokenizer, snac = build(args.tiny, device, dtype)
     log(f"built model: {sum(p.numel() for p in llm.parameters()) / 1e9:.2f} B parameters")
 
     result["baselines"] = {}
@@ -398,7 +284,7 @@ def main() -> None:
     try:
         plot(result, out_dir / "engine_h100.png")
     except ImportError:
-        log("matplotlib missing: no plot (bench_engine_report.py can draw it from the JSON)")
+        log("matplotlib missing: no plot (python3 -m bench.engine.report can draw it from the JSON)")
     print(summary_table(result))
     log(f"done in {result['wall_s']:.0f} s: {out_json}")
 

@@ -6,7 +6,7 @@ once for all B rows of x and accumulates in fp32 over K. Shapes with too few row
 the SMs split K over SPLIT_K programs: fp32 partials summed by a second kernel ("partials"), or
 atomically added into a zeroed fp32 buffer that the cast kernel zeroes again ("atomic"), so no
 memset is needed. `GemvPlan` preallocates everything, so a CUDA graph can capture it.
-Used by bench_gemv.py; a `GemvConfig` dict from its JSON can be copied as is.
+Used by `bench.experiments.gemv`; a `GemvConfig` dict from its JSON can be copied as is.
 """
 
 from __future__ import annotations

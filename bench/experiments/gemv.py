@@ -5,14 +5,14 @@ GEMMs per layer, which cuBLAS (nvjet, split-K + reduce) runs at 2.0-2.7 TB/s aga
 This times one step's GEMMs (28 layers x qkv, o, gate_up, down, each layer with its own weights so the
 50 MB L2 caches nothing, + the audio head once) captured in one CUDA graph, for: F.linear (what the
 engine does), mv (torch.mv at B=1, torch.mm(W, x.T).T above: cuBLAS's gemv path), F.linear with
-preferred_blas_library "cublaslt" / "cublas", a Triton GEMV (gemv_triton.py) with a bounded per-shape
+preferred_blas_library "cublaslt" / "cublas", a Triton GEMV (`gemv_triton.py`) with a bounded per-shape
 config sweep, and "mixed" (per shape, the fastest correct variant). Each shape's 28 calls are also
 timed in their own graph. Every output is checked against an fp32 reference; a wrong variant or
 config is marked and never "best". Without CUDA it only runs the correctness part on tiny shapes on
 CPU (the Triton kernel too when TRITON_INTERPRET=1 and Triton is installed) and exits 0.
 
-    python bench/bench_gemv.py                    # H100, ~60-90 s -> bench/results/gemv_h100.json
-    python bench/bench_gemv.py --check            # correctness only (on CPU: tiny shapes)
+    python3 -m bench.experiments.gemv             # H100, ~60-90 s -> bench/results/gemv_h100.json
+    python3 -m bench.experiments.gemv --check     # correctness only (on CPU: tiny shapes)
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_bandwidth import copy_bandwidth
+
+from bench.common import copy_bandwidth
 
 try:
-    import gemv_triton as gt
+    from bench.experiments import gemv_triton as gt
 except ImportError:  # CPU torch ships no Triton: torch variants only
     gt = None
 

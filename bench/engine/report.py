@@ -1,6 +1,6 @@
-"""Table and plot of a bench_engine.py result; run alone to redraw the PNG from the JSON.
+"""Table and plot of a `bench.engine.run` result; run alone to redraw the PNG from the JSON.
 
-python bench/bench_engine_report.py bench/results/engine_h100.json
+python3 -m bench.engine.report bench/results/engine_h100.json
 """
 
 from __future__ import annotations

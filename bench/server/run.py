@@ -1,4 +1,4 @@
-"""Benchmark of the WebSocket server (pipecat_orpheus/server.py) over loopback.
+"""Benchmark of the WebSocket server (pipecat_orpheus/wire/server.py) over loopback.
 
 cpu  Connections per second and server memory per idle connection, with the tiny model and
      the server in a subprocess (its RSS is read from /proc). Runs anywhere.
@@ -9,10 +9,10 @@ gpu  What the server adds to the engine: time to first audio (TTFA), gaps betwee
      latency = through-server percentile minus engine percentile.
      Target: +<= 10 ms p95 TTFA at 128 streams; an idle stream costs < 200 KiB.
 
-python bench/bench_server.py cpu                   # writes bench/results/server_cpu.json
-python bench/bench_server.py gpu                   # the configured model (orpheus_config.yaml)
-python bench/bench_server.py gpu --random-weights  # real-size Orpheus with random weights (no download)
-python bench/bench_server.py gpu --tiny --levels 1 4 --device cpu   # CPU check of the script
+python3 -m bench.server.run cpu                   # writes bench/results/server_cpu.json
+python3 -m bench.server.run gpu                   # the configured model (orpheus_config.yaml)
+python3 -m bench.server.run gpu --random-weights  # real-size Orpheus with random weights (no download)
+python3 -m bench.server.run gpu --tiny --levels 1 4 --device cpu   # CPU check of the script
 """
 
 from __future__ import annotations
@@ -268,18 +268,14 @@ def level_stats(rows: list[dict]) -> dict:
 
 def random_weight_engine(config, device: str):
     """The batched engine on a real-size Orpheus 3B and SNAC with random bf16 weights, built in memory."""
-    from types import SimpleNamespace
-
     import torch
 
+    from bench.common import build  # the same random model as the engine benchmark
     from pipecat_orpheus.codec import SnacCodec
     from pipecat_orpheus.engine.engine import OrpheusEngine
     from pipecat_orpheus.speech import speech_for
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_engine import build  # the same random model as the engine benchmark
-
-    llm, tokenizer, snac = build(SimpleNamespace(tiny=False), torch.device(device), torch.bfloat16)
+    llm, tokenizer, snac = build(False, torch.device(device), torch.bfloat16)
     engine = OrpheusEngine(llm, tokenizer, SnacCodec(snac, config.codec, torch.device(device)), config=config.engine)
     engine.warm_up()
     return speech_for(engine, config)  # the text front a server's synthesizer is

@@ -1,4 +1,4 @@
-"""Decode-step GPU time against the bandwidth floor, and a per-kernel profile (for bench_engine.py).
+"""Decode-step GPU time against the bandwidth floor, and a per-kernel profile (for `bench.engine.run`).
 
 The floor of a decode step is the bytes it must read (every weight once, plus the live KV of
 each row) at the measured device-to-device copy bandwidth.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 import torch
-from bench_bandwidth import sync  # bench/ is on sys.path: the benches run as scripts
 
+from bench.common import sync
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.engine import OrpheusEngine
 from pipecat_orpheus.engine.model import OrpheusLM

@@ -1,13 +1,13 @@
 """How far bf16 is from fp32 on the Orpheus-3B-shaped random model, for transformers and for the engine.
 
-bench_engine.py finds the engine's greedy bf16 tokens equal to transformers' bf16 reference at
-only ~37% of positions (first-step logits 4.3% apart). This measures what bf16 alone does to
+`bench.engine.run` finds the engine's greedy bf16 tokens equal to transformers' bf16 reference at
+only part of the positions (first-step logits ~4% apart). This measures what bf16 alone does to
 the same model: transformers bf16 vs transformers fp32 (first-step logits, greedy match rate),
 next to the engine's bf16 forward vs fp32. If transformers' own bf16 is as far from fp32 as the
 engine is, the mismatch is bf16 on random weights (near-ties everywhere), not a kernel bug.
 
-  python bench/bench_numerics.py --out bench/results/numerics_h100.json     # GPU
-  python bench/bench_numerics.py --tiny --out /tmp/numerics.json           # quick CPU check
+  python3 -m bench.engine.numerics --out bench/results/numerics_h100.json     # GPU
+  python3 -m bench.engine.numerics --tiny --out /tmp/numerics.json           # quick CPU check
 """
 
 from __future__ import annotations
@@ -15,25 +15,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import (  # noqa: E402
-    build,
+from bench.common import build, command_line
+from bench.engine.correctness import (
     correctness,
     engine_first_logits,
     first_difference,
     hf_first_logits,
     relative_error,
 )
-
-from pipecat_orpheus import format as fmt  # noqa: E402
-from pipecat_orpheus.engine import SamplingParams  # noqa: E402
-from pipecat_orpheus.engine.model import OrpheusLM  # noqa: E402
-from pipecat_orpheus.reference import generate_tokens  # noqa: E402
+from pipecat_orpheus import format as fmt
+from pipecat_orpheus.engine import SamplingParams
+from pipecat_orpheus.engine.model import OrpheusLM
+from pipecat_orpheus.reference import generate_tokens
 
 TEXTS = ["Hello there, how are you?", "The quick brown fox.", "One more sentence to check."]
 
@@ -57,7 +54,7 @@ def main() -> None:
     args.check_prompts = len(TEXTS)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    llm, tokenizer, _ = build(args, device, dtype)
+    llm, tokenizer, _ = build(args.tiny, device, dtype)
     llm32 = copy.deepcopy(llm).float()
     prompts = [fmt.build_prompt(tokenizer, t, "tara") for t in TEXTS]
     greedy = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=args.check_tokens)
@@ -74,7 +71,7 @@ def main() -> None:
     del llm32
     engine_vs_fp32, _ = correctness(llm, tokenizer, device, args, "auto", ref32)
     result = {
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "first_step_logits_rel_err": {k: sum(v) / len(v) for k, v in logits.items()},
         "greedy_hf_bf16_vs_hf_fp32": match(ref16, ref32),

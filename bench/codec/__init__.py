@@ -1,0 +1,1 @@
+"""Codec bench: streaming SNAC fidelity and speed, and the cost of each graphed window shape."""

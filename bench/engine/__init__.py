@@ -1,0 +1,1 @@
+"""Engine bench: throughput sweep, decode-step timing, lateness trace, numerics."""

@@ -1,0 +1,1 @@
+"""Experiments the package does not use (kept with their results)."""
