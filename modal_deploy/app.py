@@ -73,6 +73,7 @@ RUNTIME_PACKAGES = (
     "numpy==2.4.6",
     "loguru==0.7.3",
     "msgpack==1.2.4",
+    "pyzmq==27.3.0",
     "pyyaml==6.0.4",
     "prometheus-client==0.26.0",
     "tqdm==4.70.1",

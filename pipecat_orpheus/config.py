@@ -59,6 +59,9 @@ class EngineConfig:
     gpu_memory_fraction: float = field(default=0.90, metadata=_range(0.1, 1.0))
     kv_cache_dtype: str = field(default="auto", metadata=_choices("auto", "fp8"))
     switch_interval_ms: float = field(default=0.5, metadata=_range(0.0, 100.0))
+    core_process: bool = True
+    core_restarts: int = field(default=3, metadata=_range(0, 100))
+    core_restart_backoff_s: float = field(default=1.0, metadata=_range(0.0, 60.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class SamplingConfig:
 class CodecConfig:
     """Streaming SNAC decoding: context on each side of a frame, batching, precision."""
 
-    # defaults measured by bench/bench_codec.py on an H100 (bench/results/codec_h100.json)
+    # defaults measured by `python3 -m bench.codec.run` on an H100 (bench/results/codec_h100.json)
     left_context_frames: int = field(default=2, metadata=_range(0, 16))
     lookahead_frames: int = field(default=2, metadata=_range(0, 16))
     max_batch: int = field(default=256, metadata=_range(1, 4096))

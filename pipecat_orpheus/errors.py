@@ -23,7 +23,7 @@ class InvalidRequest(OrpheusError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.reason = field, message
 
 
 class ModelLoadError(OrpheusError):
@@ -38,6 +38,12 @@ class EngineBusy(OrpheusError):
 
 class EngineClosed(OrpheusError):
     """The engine was closed (shutdown): it takes no more requests."""
+
+
+class EngineFailed(OrpheusError):
+    """The engine could not finish a request: a step failed, or the engine core process died."""
+
+    code = "internal"
 
 
 class RequestCancelled(OrpheusError):

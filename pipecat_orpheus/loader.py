@@ -167,17 +167,28 @@ def resolve_snac_files(codec: str) -> tuple[Path, Path]:
 # -- loading -----------------------------------------------------------------------------------
 
 
-def load_llm(model: str, *, dtype: torch.dtype | str, device: torch.device | str) -> tuple[Any, Any]:
-    """Load the Orpheus `LlamaForCausalLM` (eval mode, on `device`) and its tokenizer from a hub id or directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of the Orpheus model `model` (hub id or directory), checked for Orpheus's audio tokens."""
+    from transformers import AutoTokenizer
 
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = resolve_llm_dir(model)
     logger.info(f"Loading tokenizer from {path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of model.llm {model!r} from {path}: {e}") from e
+    if tokenizer.convert_tokens_to_ids("<custom_token_2>") != fmt.END_OF_SPEECH:
+        raise ModelLoadError(f"the tokenizer of model.llm {model!r} lacks Orpheus's <custom_token_N> layout")
+    return tokenizer
+
+
+def load_llm(model: str, *, dtype: torch.dtype | str, device: torch.device | str) -> tuple[Any, Any]:
+    """Load the Orpheus `LlamaForCausalLM` (eval mode, on `device`) and its tokenizer from a hub id or directory."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tokenizer = load_tokenizer(model)
+    path = resolve_llm_dir(model)
     logger.info(f"Loading LLM weights from {path} ({dtype}, {device})")
     try:
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -188,8 +199,6 @@ def load_llm(model: str, *, dtype: torch.dtype | str, device: torch.device | str
             f"model.llm {model!r} has a vocabulary of {llm.config.vocab_size} tokens, not Orpheus's {fmt.VOCAB_SIZE}: "
             "it is not an Orpheus checkpoint"
         )
-    if tokenizer.convert_tokens_to_ids("<custom_token_2>") != fmt.END_OF_SPEECH:
-        raise ModelLoadError(f"the tokenizer of model.llm {model!r} lacks Orpheus's <custom_token_N> layout")
     llm = llm.to(device).eval()
     logger.info(f"Loaded LLM: {sum(p.numel() for p in llm.parameters()) / 1e6:.1f} M parameters on {device}")
     return llm, tokenizer

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.codec import SnacCodec
+from pipecat_orpheus.codec import AudioSink, SnacCodec
 from pipecat_orpheus.codec.stream import Window
 from pipecat_orpheus.config import Config, EngineConfig
 from pipecat_orpheus.engine.request import SamplingParams
@@ -113,7 +113,7 @@ class _Request:
     id: str
     prompts: list[list[int]]
     sampling: SamplingParams
-    stream: AudioStream
+    stream: AudioSink
 
 
 class ReferenceSynthesizer:
@@ -139,6 +139,7 @@ class ReferenceSynthesizer:
         self._active: _Request | None = None
         self._cond = threading.Condition()
         self._closed = False
+        self.on_step: Callable[[], None] | None = None  # called on the worker after each delivery of audio
         self._worker = threading.Thread(target=self._run, name="orpheus-reference", daemon=True)
         self._worker.start()
 
@@ -151,8 +152,13 @@ class ReferenceSynthesizer:
 
     def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
         """Queue `prompts` for speech; call from the event loop that will read the returned stream."""
-        stream = AudioStream(f"ref-{next(self._ids)}", asyncio.get_running_loop(), self._cancel)
-        request = _Request(stream.request_id, prompts, sampling, stream)
+        stream = AudioStream(f"ref-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
+        self.enqueue(prompts, sampling, stream)
+        return stream
+
+    def enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink) -> None:
+        """Queue `prompts` for speech into `sink` (any thread); `EngineBusy` when the queue is full."""
+        request = _Request(sink.request_id, prompts, sampling, sink)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the Orpheus reference path is closed")
@@ -161,7 +167,6 @@ class ReferenceSynthesizer:
                 raise EngineBusy(f"one request is generating and {waiting} are queued (engine.max_queue)")
             self._queue.append(request)
             self._cond.notify()
-        return stream
 
     @property
     def active_requests(self) -> int:
@@ -178,6 +183,11 @@ class ReferenceSynthesizer:
         """Whether `close()` has been called."""
         return self._closed
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._worker.is_alive()
+
     def close(self) -> None:
         """Cancel everything queued or running and stop the worker thread."""
         with self._cond:
@@ -191,7 +201,8 @@ class ReferenceSynthesizer:
 
     # -- worker ----------------------------------------------------------------------------
 
-    def _cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str) -> None:
+        """Drop a queued request (a running one stops at its next token: its sink says it is cancelled)."""
         with self._cond:
             for request in [r for r in self._queue if r.id == request_id]:
                 self._queue.remove(request)
@@ -214,6 +225,7 @@ class ReferenceSynthesizer:
             finally:
                 with self._cond:
                     self._active = None
+                self._stepped()
 
     def _synthesize(self, request: _Request) -> None:
         """Speak every piece of the request into one codec stream: one continuous utterance."""
@@ -241,6 +253,11 @@ class ReferenceSynthesizer:
         if windows:
             for pcm in self.codec.decode(windows):
                 request.stream.put(pcm)
+            self._stepped()
+
+    def _stepped(self) -> None:
+        if self.on_step is not None:
+            self.on_step()
 
     def __repr__(self) -> str:
         return f"ReferenceSynthesizer(active={self.active_requests}, queued={self.queued_requests})"

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from pipecat_orpheus import format as fmt
+from pipecat_orpheus.backend import Backend, load_backend
 from pipecat_orpheus.config import Config, SamplingConfig, VoiceConfig
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
@@ -60,25 +61,13 @@ class Synthesizer(Protocol):
         """Whether `close()` has been called (a closed synthesizer takes no more requests)."""
         ...
 
+    @property
+    def healthy(self) -> bool:
+        """Whether it can speak now (False while an engine core restarts; `/healthz` says 503)."""
+        ...
+
     def close(self) -> None:
         """Stop the worker and cancel everything in flight."""
-        ...
-
-
-class Backend(Protocol):
-    """What `Speech` drives: the engine or the reference path, speaking prompts it has built."""
-
-    tokenizer: object
-    active_requests: int
-    queued_requests: int
-    closed: bool
-
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
-        """Speak `prompts` in order as one stream; `EngineBusy` when full."""
-        ...
-
-    def close(self) -> None:
-        """Stop and cancel everything in flight."""
         ...
 
 
@@ -120,6 +109,11 @@ class Speech:
         """Whether `close()` has been called."""
         return self.backend.closed
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the backend can speak now."""
+        return self.backend.healthy
+
     def close(self) -> None:
         """Stop the backend; everything in flight ends with `RequestCancelled`."""
         self.backend.close()
@@ -128,18 +122,13 @@ class Speech:
         return f"Speech({self.backend!r})"
 
 
-def open_backend(config: Config, *, enforce_eager: bool = False) -> Backend:
-    """Load the model named in `config.model` and start the configured backend (blocking)."""
-    from pipecat_orpheus.loader import load_models
+def open_backend(config: Config) -> Backend:
+    """The configured backend, started (blocking): in an engine core process of its own, or in this one."""
+    if config.engine.core_process:
+        from pipecat_orpheus.core.client import EngineClient
 
-    llm, tokenizer, snac, device = load_models(config.model)
-    if config.engine.backend == "reference":
-        from pipecat_orpheus.reference import ReferenceSynthesizer
-
-        return ReferenceSynthesizer.from_models(llm, tokenizer, snac, device, config)
-    from pipecat_orpheus.engine.engine import OrpheusEngine
-
-    return OrpheusEngine.from_models(llm, tokenizer, snac, device, config, enforce_eager=enforce_eager)
+        return EngineClient.start(config)
+    return load_backend(config)
 
 
 def speech_for(backend: Backend, config: Config) -> Speech:

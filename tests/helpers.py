@@ -63,6 +63,7 @@ LONG_TEXT = "One two three four. Five six seven eight. Nine ten eleven twelve. T
 def overrides(tiny_model_dir, **extra):
     return {
         "engine.backend": "reference",
+        "engine.core_process": False,  # in this process: fast; tests/core run the engine core process
         **tiny_model_overrides(tiny_model_dir),
         "sampling.max_tokens": 14,  # two 7-token frames per sentence: fast on CPU
         "engine.max_chars_per_piece": 20,
@@ -122,6 +123,7 @@ def tiny_config(model_dir: Path, **overrides: object) -> Config:
     return load_config(
         overrides={
             "engine.backend": "reference",
+        "engine.core_process": False,  # in this process: fast; tests/core run the engine core process
             **tiny_model_overrides(model_dir),
             "sampling.max_tokens": MAX_TOKENS,
             "sampling.seed": 7,

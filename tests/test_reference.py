@@ -32,6 +32,7 @@ def audio_constraint(scores: torch.Tensor, position: int) -> torch.Tensor:
 def make_config(tiny_model_dir, **overrides):
     values = {
         "engine.backend": "reference",
+        "engine.core_process": False,  # the reference path in this process (tests/core: in its own)
         **tiny_model_overrides(tiny_model_dir),
         "sampling.max_tokens": 70,
     }

@@ -12,7 +12,7 @@ real-size random SNAC, both built in-process. In one run:
      (a chunk arriving after the audio before it finished playing), tokens/s, GPU memory;
      after level 1, a probe of lone short requests one after another for first-audio p50.
 Levels that would end past --budget-s (330 s from start) are skipped, so one run fits in about
-6 minutes. Writes engine_h100.json (after every level) and engine_h100.png to --out-dir.
+6 minutes. Writes engine.json (after every level) and engine.png to --out-dir.
 
   python3 -m bench.engine.run --out-dir bench/results          # GPU
   python3 -m bench.engine.run --tiny --out-dir /tmp/bench       # quick CPU check of the script
@@ -187,7 +187,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_json = out_dir / "engine_h100.json"
+    out_json = out_dir / "engine.json"
     result: dict = {
         "command": command_line(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -231,6 +231,8 @@ def main() -> None:
     engine.warm_up()
     speech = speech_for(engine, config)  # the text front: voice, text split, prompts
     result["engine_start_s"] = time.perf_counter() - t0
+    warm_up_s = result["engine_start_s"] - sum(engine.start_timings.values())
+    result["engine_start_stages_s"] = {**engine.start_timings, "end-to-end warm-up": warm_up_s}
     result["engine_config"] = {
         k: getattr(config.engine, k) for k in ("max_slots", "max_tokens_per_slot", "prefill_chunk_tokens")
     }
@@ -282,7 +284,7 @@ def main() -> None:
     result["wall_s"] = time.perf_counter() - t_start
     out_json.write_text(json.dumps(result, indent=2, default=str))
     try:
-        plot(result, out_dir / "engine_h100.png")
+        plot(result, out_dir / "engine.png")
     except ImportError:
         log("matplotlib missing: no plot (python3 -m bench.engine.report can draw it from the JSON)")
     print(summary_table(result))

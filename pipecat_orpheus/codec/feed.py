@@ -34,6 +34,7 @@ class AudioSink(Protocol):
     """Where a request's PCM goes (`engine.stream.AudioStream` is one); called on the engine's thread."""
 
     request_id: str
+    cancelled: bool  # the consumer stopped listening: a producer may stop early
 
     def put(self, pcm: np.ndarray) -> None:
         """Take one chunk of float32 PCM."""

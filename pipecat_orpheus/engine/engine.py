@@ -18,12 +18,13 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loguru import logger
 
 from pipecat_orpheus import format as fmt
-from pipecat_orpheus.codec import CodecFeed, SnacCodec
+from pipecat_orpheus.codec import AudioSink, CodecFeed, SnacCodec
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import EngineClosed, RequestCancelled
 
@@ -77,6 +78,8 @@ class _SwitchInterval:
 class _WarmUpSink:
     """Where warm-up audio goes: nowhere; `done` is set when the request ends."""
 
+    cancelled = False
+
     def __init__(self, request_id: str):
         self.request_id = request_id
         self.done = threading.Event()
@@ -118,6 +121,7 @@ class OrpheusEngine:
         self._ids = itertools.count()
         self._closed = False
         self.stats = EngineStats()
+        self.on_step: Callable[[], None] | None = None  # called on the step thread after each step's audio is out
         self._switch_interval = config.switch_interval_ms > 0
         if self._switch_interval:
             _SwitchInterval.acquire(config.switch_interval_ms)
@@ -153,10 +157,11 @@ class OrpheusEngine:
     def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
         """Speak `prompts` in order as one stream (call from the event loop that reads it); `EngineBusy` when full."""
         stream = AudioStream(f"orpheus-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
-        self._enqueue(prompts, sampling, stream)
+        self.enqueue(prompts, sampling, stream)
         return stream
 
-    def _enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink) -> None:
+    def enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink) -> None:
+        """Speak `prompts` in order into `sink` (any thread; its id must be unique); `EngineBusy` when full."""
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         request = Request(sink.request_id, prompts, sampling, seed, stream=sink, arrival_s=time.perf_counter())
         with self._cond:
@@ -188,6 +193,11 @@ class OrpheusEngine:
         """Whether `close()` has been called."""
         return self._closed
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the step thread runs."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the step thread; every request in flight (or with audio not yet decoded) ends with RequestCancelled."""
         with self._cond:
@@ -213,7 +223,7 @@ class OrpheusEngine:
         sampling = SamplingParams(max_tokens=frames, min_tokens=frames)
         for i in range(2):
             sink = _WarmUpSink(f"warm-up-{i}")
-            self._enqueue([prompt], sampling, sink)
+            self.enqueue([prompt], sampling, sink)
             sink.done.wait()
 
     # -- the step thread -----------------------------------------------------------------------
@@ -241,6 +251,8 @@ class OrpheusEngine:
             self.stats.steps += 1
             self.stats.busy_s += dt
             self.feed.record_step(dt)
+            if self.on_step is not None:
+                self.on_step()
 
     def _step(self, step: ScheduledStep, in_flight: ScheduledStep | None) -> ScheduledStep | None:
         """One step: the GPU runs [step in flight] [SNAC] [step] back to back; returns the step now in flight."""

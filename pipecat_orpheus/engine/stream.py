@@ -25,7 +25,7 @@ class AudioStream:
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[str], None]):
         self.request_id = request_id
-        self._loop = loop
+        self.loop = loop
         self._on_cancel = on_cancel
         self._queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -52,10 +52,10 @@ class AudioStream:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is self._loop:
+        if running is self.loop:
             fn(arg)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, arg)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn, arg)
 
     # -- consumer side (the caller's event loop) -------------------------------------------
 

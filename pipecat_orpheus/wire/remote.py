@@ -50,6 +50,11 @@ class RemoteSynthesizer:
         return len(self._streams)
 
     @property
+    def healthy(self) -> bool:
+        """Whether the connection is open (the server's own health is on its /healthz)."""
+        return self.client.connected
+
+    @property
     def queued_requests(self) -> int:
         """Always 0: the queue is the server's (see its /metrics)."""
         return 0

@@ -169,7 +169,9 @@ class OrpheusServer:
         if path == "/healthz":
             if self.draining:
                 return _plain(503, "shutting down\n")
-            return _plain(200, "ok\n") if self.synthesizer is not None else _plain(503, "loading\n")
+            if self.synthesizer is None:
+                return _plain(503, "loading\n")
+            return _plain(200, "ok\n") if self.synthesizer.healthy else _plain(503, "engine down\n")
         if path == "/metrics":
             body, content_type = metrics.render()
             return _plain(200, body.decode(), content_type)
