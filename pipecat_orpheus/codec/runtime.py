@@ -204,13 +204,16 @@ class SnacCodec:
 
     def _stage(self, windows: list[Window], width: int) -> torch.Tensor:
         """Pack each window's codes, noise key and start frame into one int64 row of the host buffer."""
-        b = len(windows)
-        if self._in_used + b * width > self._in_host.numel():  # more windows than one step ever has
-            if self._stream is not None:
-                torch.cuda.current_stream(self.device).synchronize()  # the copies queued from it are done
-            self._in_used = 0
-        packed = self._in_host[self._in_used : self._in_used + b * width].view(b, width)  # (B, frames * 7 + 2)
-        self._in_used += b * width
+        b, need = len(windows), len(windows) * width
+        if need > self._in_host.numel():  # wider than the buffer: a long offline window, or a huge batch
+            packed = torch.empty((b, width), dtype=torch.int64, pin_memory=self._stream is not None)
+        else:
+            if self._in_used + need > self._in_host.numel():  # more windows than one step ever has
+                if self._stream is not None:
+                    torch.cuda.current_stream(self.device).synchronize()  # the copies queued from it are done
+                self._in_used = 0
+            packed = self._in_host[self._in_used : self._in_used + need].view(b, width)  # (B, frames * 7 + 2)
+            self._in_used += need
         rows = packed.numpy()
         rows[:, :-2] = np.stack([w.codes for w in windows]).reshape(b, -1)
         rows[:, -2] = [w.stream.key for w in windows]

@@ -67,6 +67,13 @@ def test_streamed_matches_offline_for_many_lengths(codec):
         assert snr_db(streamed, offline) >= 40, len(seq)
 
 
+def test_a_window_wider_than_the_staging_buffer_decodes(snac, codec):
+    """An offline window longer than any live one (here 40 frames, with room for two live rows) decodes as usual."""
+    small = SnacCodec(snac, CodecConfig(max_batch=1), "cpu")
+    frames = np.random.default_rng(2).integers(0, CODEBOOK_SIZE, (40, 7))
+    np.testing.assert_array_equal(small.decode_frames(frames, 5), codec.decode_frames(frames, 5))
+
+
 def test_every_frame_emitted_once_in_order(codec):
     """Windows emit frames 0..n-1 exactly once, the first after lookahead + 1 frames, the rest at finish()."""
     lookahead = codec.config.lookahead_frames
