@@ -17,7 +17,6 @@ from pathlib import Path
 from types import ModuleType
 
 import msgpack
-import pytest
 from pipecat.frames.frames import (
     DataFrame,
     Frame,
@@ -123,7 +122,7 @@ def tiny_config(model_dir: Path, **overrides: object) -> Config:
     return load_config(
         overrides={
             "engine.backend": "reference",
-        "engine.core_process": False,  # in this process: fast; tests/core run the engine core process
+            "engine.core_process": False,
             **tiny_model_overrides(model_dir),
             "sampling.max_tokens": MAX_TOKENS,
             "sampling.seed": 7,
@@ -134,18 +133,6 @@ def tiny_config(model_dir: Path, **overrides: object) -> Config:
             **overrides,
         }
     )
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir: Path) -> Config:
-    """Config of the tiny model, reference backend."""
-    return tiny_config(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def synth(config: Config) -> Synthesizer:
-    """The process-wide shared synthesizer both modes end up on (loaded here once)."""
-    return load_synthesizer(config)
 
 
 @asynccontextmanager
@@ -253,32 +240,6 @@ class EngineProbe(FrameProcessor):
 def load_bot() -> ModuleType:
     """Import examples/voice_agent/bot.py as a module (it is a script, not a package)."""
     return load_script(BOT_PATH, "voice_agent_bot")
-
-
-@pytest.fixture(scope="module")
-def bot() -> ModuleType:
-    """The example bot module."""
-    return load_bot()
-
-
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
-    """A tiny random Whisper in faster-whisper's CTranslate2 format (noise, made offline); None without the extra."""
-    if importlib.util.find_spec("faster_whisper") is None:
-        return None
-    from ctranslate2.converters import TransformersConverter
-    from tokenizers import Tokenizer, models
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("whisper")
-    dims = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
-    heads = {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
-    # 51864 tokens: the English-only Whisper vocabulary, so the model reports language "en".
-    WhisperForConditionalGeneration(WhisperConfig(vocab_size=51864, **dims, **heads)).save_pretrained(root / "hf")
-    TransformersConverter(str(root / "hf")).convert(str(root / "ct2"))
-    # faster-whisper fetches a tokenizer from the hub unless the model directory has one.
-    Tokenizer(models.WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(root / "ct2/tokenizer.json"))
-    return root / "ct2"
 
 
 def whisper_flags(whisper: Path | None) -> list[str]:

@@ -24,7 +24,7 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config, ModelConfig, load_config
 from pipecat_orpheus.testing import tiny_model_overrides
 from pipecat_orpheus.wire import protocol as p
-from tests.helpers import bot, llm_reply, load_script, run_agent, whisper_dir, whisper_flags  # noqa: F401 (fixtures)
+from tests.helpers import llm_reply, load_script, run_agent, whisper_flags
 
 pytest.importorskip("modal", reason="modal is not installed: pip install -e '.[modal]'")
 
@@ -186,8 +186,8 @@ async def test_serving_entry_completes_a_session(
 
 async def test_voice_agent_speaks_through_the_serving_entry(
     app: ModuleType,
-    bot: ModuleType,  # noqa: F811 (fixture imported above)
-    whisper_dir: Path | None,  # noqa: F811 (fixture imported above)
+    bot: ModuleType,
+    whisper_dir: Path | None,
     tiny_model_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

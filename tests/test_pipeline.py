@@ -28,13 +28,11 @@ from tests.helpers import (
     MAX_TOKENS,
     MODES,
     START_TIMEOUT_S,
-    config,  # noqa: F401 (a fixture)
     index,
     llm_reply,
     of,
     orpheus_tts,
     samples,
-    synth,  # noqa: F401 (a fixture)
     tiny_config,
     wait_idle,
 )

@@ -39,7 +39,6 @@ from tests.helpers import (
     EngineProbe,
     Restart,
     assert_whole_frames,
-    config,  # noqa: F401 (a fixture)
     index,
     llm_reply,
     of,
@@ -47,7 +46,6 @@ from tests.helpers import (
     orpheus_tts,
     samples,
     speak,
-    synth,  # noqa: F401 (a fixture)
     tiny_config,
     wait_idle,
 )

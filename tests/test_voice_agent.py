@@ -40,13 +40,10 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.speech import load_synthesizer
-from tests.helpers import (  # noqa: F401 (fixtures)
+from tests.helpers import (
     BOT_PATH,
-    bot,
     llm_reply,
-    load_bot,
     run_agent,
-    whisper_dir,
     whisper_flags,
 )
 

@@ -1,0 +1,310 @@
+"""The server under load, the way users meet it: many WebSocket clients in other processes, over loopback.
+
+This process runs the server (pipecat_orpheus/wire/server.py) and its speech source; the clients
+are `--client-procs` processes of `bench.server.load_client`, each running its share of the
+streams on one event loop and printing a JSON line per utterance. Per level, mode and format:
+
+burst  N streams arrive within 1 s (evenly spread): each connects, speaks one sentence of
+       ~`--prompt-tokens` prompt tokens (Kyutai `Text` words then `Eos`, or `Speak` with
+       `--burst-protocol speak`) and reads its audio to the end.
+churn  N conversations for `--duration-s`: `Speak`, read to `Done`, wait until the audio has
+       played, pause 0.3-2 s, speak again. `--cancel-fraction` of utterances send `Cancel{id}`
+       part-way; the round trip to `Cancelled` is timed.
+
+Figures: time to first audio (send -> first `Audio`) p50/p95/p99; late chunks (an `Audio` that
+arrives after the audio before it has finished playing, playback starting at the first one),
+the streams that had one and the worst lateness; the cancel round trip; and the server's own
+`/metrics` (its TTFA histogram, pieces, errors) and engine counters over the run. Every
+utterance is forced to `--audio-tokens` (END_OF_SPEECH masked until then), since random weights
+stop at random.
+
+python3 -m bench.server.load --random-weights --out $OUT/server_load.json      # GPU, real-size random model
+python3 -m bench.server.load --tiny --device cpu --levels 2 4 --mode burst churn --duration-s 5 \
+    --client-procs 2 --out /tmp/load.json                                      # CPU check of the machinery
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.server import scrape
+from bench.server.report import summarize, table
+from pipecat_orpheus.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 120.0
+START_MARGIN_S = 0.5  # from `go` to T0: every process has read it before the first arrival
+FORMATS = ("PcmMessagePack", "Pcm16MessagePack")
+SETTINGS = (
+    "levels", "mode", "formats", "client_procs", "burst_protocol", "spread_s", "duration_s", "pause_s",
+    "cancel_fraction", "audio_tokens", "set",
+)  # fmt: skip
+# Words for the texts: no sentence ends inside, so the server's sentence splitter keeps one piece each.
+WORDS = (
+    "your table for four is booked at seven and the car will pick you up from the hotel lobby at half past six "
+    "so bring a jacket because the terrace gets cold after sunset and the chef has a tasting menu tonight "
+    "with fresh fish from the harbour a mushroom risotto and a lemon tart that people travel across town for"
+).split()
+
+
+class ForcedLength:
+    """`synth` with every request's END_OF_SPEECH masked until its `max_tokens` (full-length utterances)."""
+
+    def __init__(self, synth):
+        self.synth = synth
+
+    def submit(self, text, *, voice=None, sampling=None):
+        forced = dataclasses.replace(sampling, min_tokens=sampling.max_tokens) if sampling is not None else None
+        return self.synth.submit(text, voice=voice, sampling=forced)
+
+    def __getattr__(self, name):  # active_requests, queued_requests, closed, healthy, close, backend
+        return getattr(self.synth, name)
+
+
+def bench_config(args) -> Config:
+    """The configuration the server runs with: the bench's settings, then `--set`."""
+    overrides = {
+        "model.device": args.device,
+        "sampling.max_tokens": args.audio_tokens,
+        "limits.max_connections": max(args.levels) + 16,
+        "engine.core_process": args.core_process,
+    }
+    if args.tiny or args.random_weights:  # written in the real on-disk format: the engine core loads them itself
+        from bench.model_files import write_random_models
+
+        root = Path(args.model_dir or tempfile.mkdtemp(prefix="bench_load_"))
+        overrides.update(write_random_models(root, tiny=args.tiny, device=args.device))
+        if args.random_weights:
+            overrides["model.dtype"] = "bfloat16"
+    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    return load_config(args.config, overrides=overrides)
+
+
+def start_speech(config: Config):
+    """The server's speech source (blocking): in a core child process or in this one (`engine.core_process`)."""
+    from pipecat_orpheus.speech import load_synthesizer
+
+    return load_synthesizer(config)
+
+
+def make_texts(tokenizer, voice: str, prompt_tokens: int, count: int) -> tuple[list[str], list[int]]:
+    """`count` different sentences, each the first whose prompt reaches `prompt_tokens`, and their prompt lengths."""
+    from pipecat_orpheus.format import build_prompt
+
+    texts, lengths = [], []
+    for i in range(count):
+        words, k = [], (i * 7) % len(WORDS)
+        while True:
+            words.append(WORDS[(k + len(words)) % len(WORDS)])
+            text = " ".join(words).capitalize() + "."
+            n = len(build_prompt(tokenizer, text, voice))
+            if n >= prompt_tokens or len(words) > 200:
+                break
+        texts.append(text)
+        lengths.append(n)
+    return texts, lengths
+
+
+def engine_counters(synth) -> dict | None:
+    """The in-process engine's counters (None for a source without them, e.g. a core process)."""
+    stats = getattr(getattr(synth, "backend", None), "stats", None)
+    if stats is None:
+        return None
+    return {k: getattr(stats, k) for k in ("steps", "busy_s", "decode_tokens", "prefill_tokens", "codec_windows")}
+
+
+def engine_delta(before: dict | None, after: dict | None, wall_s: float) -> dict | None:
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in before}
+    return {
+        "steps": d["steps"],
+        "mean_step_ms": round(d["busy_s"] / max(d["steps"], 1) * 1e3, 3),
+        "busy_fraction": round(d["busy_s"] / wall_s, 3),
+        "decode_tok_s": round(d["decode_tokens"] / wall_s, 1),
+        "prefill_tokens": d["prefill_tokens"],
+        "codec_windows": d["codec_windows"],
+    }
+
+
+def make_job(args, server, level: int, mode: str, fmt: str, texts: list[str], expected_samples: int) -> dict:
+    streams = [
+        {"conv": i, "offset_s": args.spread_s * i / level, "seed": 1000 * level + i,
+         "texts": [texts[(i + 5 * k) % len(texts)] for k in range(8)]}
+        for i in range(level)
+    ]  # fmt: skip
+    return {
+        "url": server.url,
+        "mode": mode,
+        "format": fmt,
+        "protocol": args.burst_protocol,
+        "duration_s": args.duration_s,
+        "cancel_fraction": args.cancel_fraction,
+        "pause_s": args.pause_s,
+        "expected_samples": expected_samples,
+        "streams": streams,
+    }
+
+
+async def run_clients(job: dict, procs: int) -> tuple[list[dict], float, float]:
+    """Split `job`'s streams over `procs` client processes, start them together; their records, T0, end."""
+    shares = [dict(job, streams=job["streams"][p::procs]) for p in range(min(procs, len(job["streams"])))]
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.server.load_client", cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in shares
+    ]  # fmt: skip
+    records: list[dict] = []
+
+    async def ready(child, share) -> None:
+        child.stdin.write((json.dumps(share) + "\n").encode())
+        await child.stdin.drain()
+        line = await child.stdout.readline()
+        if not line or "ready" not in json.loads(line):
+            raise RuntimeError(f"a client process did not start: {line!r}")
+
+    async def collect(child) -> None:
+        while line := await child.stdout.readline():
+            record = json.loads(line)
+            if record.get("end"):
+                break
+            records.append(record)
+        if await child.wait():
+            raise RuntimeError(f"a client process exited with {child.returncode}")
+
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await asyncio.gather(*(ready(c, s) for c, s in zip(children, shares, strict=True)))
+        t0 = time.monotonic() + START_MARGIN_S
+        for child in children:
+            child.stdin.write(f"go {t0!r}\n".encode())
+            await child.stdin.drain()
+        await asyncio.gather(*(collect(c) for c in children))
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    return records, t0, time.monotonic()
+
+
+async def run_level(args, server, synth, level: int, mode: str, fmt: str, texts, expected_samples: int) -> dict:
+    job = make_job(args, server, level, mode, fmt, texts, expected_samples)
+    before, counters = await scrape.scrape(server.port), engine_counters(synth)
+    async with scrape.Peaks(server.port) as peaks:
+        records, t0, end = await run_clients(job, args.client_procs)
+    wall = end - t0
+    figures = summarize(records, level=level, mode=mode, fmt=fmt, wall_s=wall)
+    figures["server"] = scrape.delta(before, await scrape.scrape(server.port)) | {"peaks": peaks.peaks}
+    figures["engine"] = engine_delta(counters, engine_counters(synth), wall)
+    return figures
+
+
+def device_name(args) -> str:
+    if args.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({__import__('os').cpu_count()} cores)"
+
+
+async def bench(args) -> dict:
+    from bench.common import command_line
+    from pipecat_orpheus.format import SAMPLE_RATE
+    from pipecat_orpheus.wire.server import serve
+
+    config = bench_config(args)
+    synth = await asyncio.to_thread(start_speech, config)
+    texts, prompt_lengths = make_texts(synth.backend.tokenizer, config.voices.default, args.prompt_tokens, 64)
+    expected_samples = args.audio_tokens // 7 * 2048  # whole SNAC frames
+    runs = []
+    try:
+        async with serve(config, ForcedLength(synth), port=0, api_keys=[]) as server:
+            # Not recorded: first connections, allocator, and the engine's first cancels and mixed
+            # joins (a first churn run on an H200 stalled once for ~0.8 s; later ones did not).
+            warm, warm_args = min(8, max(args.levels)), argparse.Namespace(**vars(args))
+            warm_args.duration_s, warm_args.cancel_fraction = min(3.0, args.duration_s), 0.5
+            for mode in ("burst", "churn"):
+                await run_level(warm_args, server, synth, warm, mode, FORMATS[0], texts, expected_samples)
+            for level in args.levels:
+                for mode in args.mode:
+                    for fmt in args.formats:
+                        runs.append(await run_level(args, server, synth, level, mode, fmt, texts, expected_samples))
+                        print(table(runs[-1:], header=len(runs) == 1), flush=True)
+    finally:
+        synth.close()
+    print("\n" + table(runs), flush=True)
+    return {
+        "what": "the server under load: clients in other processes over loopback, burst and churn",
+        "command": command_line(),
+        "device": device_name(args),
+        "speech": "engine core process" if config.engine.core_process else "engine in the server process",
+        "model": "tiny" if args.tiny else ("real-size random weights" if args.random_weights else config.model.llm),
+        "settings": {k: getattr(args, k) for k in SETTINGS}
+        | {
+            "audio_s_per_utterance": expected_samples / SAMPLE_RATE,
+            "prompt_tokens": {"target": args.prompt_tokens, "min": min(prompt_lengths), "max": max(prompt_lengths)},
+            "example_text": texts[0],
+        },
+        "config": dataclasses.asdict(config),
+        "definitions": {
+            "ttfa": "client side: first Text (kyutai) or Speak sent -> first Audio arrives",
+            "connect": "burst: connect -> Ready, before the text is sent",
+            "late_chunk": "an Audio message arriving after first-arrival + duration of the audio before it",
+            "cancel_rtt": "Cancel sent -> Cancelled arrives (churn)",
+            "server": "deltas of the server's /metrics over the run (quantiles interpolated in its buckets)",
+        },
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", type=int, nargs="+", default=[64, 128, 256], help="streams (conversations) per run")
+    ap.add_argument("--mode", nargs="+", choices=("burst", "churn"), default=["burst", "churn"])
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    ap.add_argument("--client-procs", type=int, default=8, help="client processes the streams are spread over")
+    ap.add_argument("--burst-protocol", choices=("kyutai", "speak"), default="kyutai")
+    ap.add_argument("--spread-s", type=float, default=1.0, help="arrivals (burst) and starts (churn) spread over this")
+    ap.add_argument("--duration-s", type=float, default=30.0, help="churn: how long conversations keep speaking")
+    ap.add_argument("--pause-s", type=float, nargs=2, default=[0.3, 2.0], help="churn: pause range after playback")
+    ap.add_argument("--cancel-fraction", type=float, default=0.1, help="churn: utterances cancelled part-way")
+    ap.add_argument("--prompt-tokens", type=int, default=50, help="prompt length of each utterance (tokens)")
+    ap.add_argument("--audio-tokens", type=int, default=None, help="audio tokens per utterance (420 = 5.1 s; tiny: 70)")
+    ap.add_argument("--config", default=None, help="YAML config (default: orpheus_config.yaml)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. engine.max_slots=320")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tiny test model (checks the machinery, on the CPU)")
+    ap.add_argument("--random-weights", action="store_true", help="real-size random Orpheus, on disk")
+    ap.add_argument("--model-dir", default=None, help="where --random-weights/--tiny write the models (kept for reuse)")
+    ap.add_argument("--core-process", action="store_true", help="the engine in a core child process")
+    ap.add_argument("--log-level", default="WARNING", help="the server's log level (loguru)")
+    ap.add_argument("--out", default="bench/results/server_load.json")
+    args = ap.parse_args()
+    from loguru import logger
+
+    logger.remove()  # the server logs every stream at DEBUG: thousands of lines per level
+    logger.add(sys.stderr, level=args.log_level)
+    if args.audio_tokens is None:
+        args.audio_tokens = 70 if args.tiny else 420
+    result = asyncio.run(bench(args))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
