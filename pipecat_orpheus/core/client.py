@@ -32,6 +32,7 @@ from loguru import logger
 
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.core import messages
+from pipecat_orpheus.engine.engine import EngineStats
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.errors import EngineBusy, EngineClosed, EngineFailed, ModelLoadError, RequestCancelled
@@ -105,6 +106,7 @@ class EngineClient:
         self._down: str | None = None  # why the engine is down for good (restarts spent)
         self.active_requests = 0  # as the core last reported
         self.queued_requests = 0
+        self.stats: EngineStats | None = None  # the core's engine counters, as of its last message
         self._context = zmq.Context()
         self._send_lock = threading.Lock()  # the requests socket is used from any event loop's thread
         self._streams: dict[str, AudioStream] = {}
@@ -186,6 +188,8 @@ class EngineClient:
     def _deliver(self, step: messages.Step) -> None:
         """One step's chunks and ends to their streams: one call into each event loop."""
         self.active_requests, self.queued_requests = step.active, step.queued
+        if step.stats is not None:
+            self.stats = EngineStats(*step.stats)
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for request_id, pcm in step.audio:
             stream = self._streams.get(request_id)

@@ -39,6 +39,7 @@ class Step:
     ended: list[Ended]
     active: int
     queued: int
+    stats: list | None  # the engine's `EngineStats` fields in order (the reference path has none)
 
 
 def submit(request_id: str, prompts: list[list[int]], sampling: SamplingParams) -> bytes:
@@ -66,9 +67,10 @@ def failed(error: BaseException) -> bytes:
     return msgpack.packb(["failed", type(error).__name__, "", str(error)])
 
 
-def step(audio: list[tuple[str, np.ndarray]], ended: list[Ended], active: int, queued: int) -> bytes:
-    """One step's output (see `Step`)."""
-    return msgpack.packb(["step", [(i, pcm.tobytes()) for i, pcm in audio], ended, active, queued])
+def step(audio: list[tuple[str, np.ndarray]], ended: list[Ended], active: int, queued: int, stats) -> bytes:
+    """One step's output (see `Step`); `stats` an `EngineStats` or None."""
+    counters = dataclasses.astuple(stats) if stats is not None else None
+    return msgpack.packb(["step", [(i, pcm.tobytes()) for i, pcm in audio], ended, active, queued, counters])
 
 
 def decode(data: bytes) -> list:

@@ -99,7 +99,8 @@ class EngineCore:
             if not (self._audio or self._ended or load != self._load):
                 return
             audio, ended, self._audio, self._ended, self._load = self._audio, self._ended, [], [], load
-            self._out.send(messages.step(audio, ended, *load), copy=False)
+            stats = getattr(self.backend, "stats", None)
+            self._out.send(messages.step(audio, ended, *load, stats), copy=False)
 
     def serve(self, inputs: zmq.Socket, parent: int) -> None:
         """Handle client messages until `stop` or until the parent process is gone."""

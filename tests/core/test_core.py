@@ -77,6 +77,7 @@ async def test_many_streams_share_one_core(tiny_model_dir, core):
     audio = await asyncio.gather(*(s.read_all() for s in streams))
     assert all(len(a) > 0 for a in audio)
     await until(lambda: core.active_requests == 0)
+    assert core.stats.steps > 0 and core.stats.decode_tokens >= 4 * SEEDED.max_tokens  # the core's own counters
 
 
 async def test_cancel_frees_the_slot_at_once(tiny_model_dir, core):
