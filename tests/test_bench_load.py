@@ -18,7 +18,7 @@ def test_load_bench_runs_burst_and_churn_through_the_server(tmp_path) -> None:
     """
     out = tmp_path / "load.json"
     command = [
-        sys.executable, "-m", "bench.server.load", "--tiny", "--device", "cpu", "--levels", "2",
+        sys.executable, "-m", "bench.server.load", "--tiny", "--device", "cpu", "--no-core-process", "--levels", "2",
         "--mode", "burst", "churn", "--duration-s", "2", "--client-procs", "2", "--cancel-fraction", "0.5",
         "--audio-tokens", "35", "--out", str(out),
     ]  # fmt: skip

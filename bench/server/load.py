@@ -77,7 +77,7 @@ def bench_config(args) -> Config:
         "model.device": args.device,
         "sampling.max_tokens": args.audio_tokens,
         "limits.max_connections": max(args.levels) + 16,
-        "engine.core_process": args.core_process,
+        "engine.core_process": args.core_process,  # None: as the configuration says (shipped: true)
     }
     if args.tiny or args.random_weights:  # written in the real on-disk format: the engine core loads them itself
         from bench.model_files import write_random_models
@@ -290,7 +290,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny test model (checks the machinery, on the CPU)")
     ap.add_argument("--random-weights", action="store_true", help="real-size random Orpheus, on disk")
     ap.add_argument("--model-dir", default=None, help="where --random-weights/--tiny write the models (kept for reuse)")
-    ap.add_argument("--core-process", action="store_true", help="the engine in a core child process")
+    ap.add_argument(
+        "--core-process", action=argparse.BooleanOptionalAction, help="the engine in a core process (default: config)"
+    )
     ap.add_argument("--log-level", default="WARNING", help="the server's log level (loguru)")
     ap.add_argument("--out", default="bench/results/server_load.json")
     args = ap.parse_args()
