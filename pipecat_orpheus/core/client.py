@@ -1,13 +1,15 @@
 """`EngineClient`: the engine core as a `Backend`, in the process of the server or the bot.
 
-`EngineClient.start(config)` launches the core (`python -m pipecat_orpheus.core.process`) as a
-child process and waits until it is ready; the tokenizer is loaded here, so prompts are built
-where the text arrives. Requests go to the core over a ZeroMQ socket; a receiver thread reads
-the core's one message per step and hands each event loop its streams' chunks in one wake-up.
-When the core dies, every request in flight ends with `EngineFailed`, `healthy` turns False,
-and the core is started again (`engine.core_restarts` times in a row, backing off), so a
-server answers 503 on /healthz meanwhile and 200 once it is back. The child stops with the
-client, at interpreter exit, and on its own when this process is killed.
+`EngineClient.start(config)` launches a core (`CoreProcess`: `python -m pipecat_orpheus.core.process`)
+as a child process and waits until it beats; `EngineClient.attach(config, addresses)` joins a
+core another process started (the workers of `serve --workers`). The tokenizer is loaded here,
+so prompts are built where the text arrives. A receiver thread reads the core's one message
+per step and hands each event loop its streams' chunks in one wake-up. When the core dies
+(its process exits, or its beats stop), every request in flight ends with `EngineFailed` and
+`healthy` turns False until a core beats again: the owner restarts it (`engine.core_restarts`
+times in a row, backing off), so a server answers 503 on /healthz meanwhile and 200 once it
+is back. A core stops with its owner, at interpreter exit, and on its own when that process is
+killed.
 """
 
 from __future__ import annotations
@@ -37,58 +39,61 @@ from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.errors import EngineBusy, EngineClosed, EngineFailed, ModelLoadError, RequestCancelled
 
-POLL_S = 0.1  # the receiver's wait between looks at whether the core is still alive
+POLL_S = 0.1  # the receiver's wait between looks at whether the core is still there
+SILENT_S = 8 * messages.BEAT_S  # a core that has not beaten for this long is taken for dead
 STOP_WAIT_S = 10.0  # a stopping core gets this long to exit before it is killed
 
-_clients: weakref.WeakSet[EngineClient] = weakref.WeakSet()
+_owned: weakref.WeakSet[CoreProcess] = weakref.WeakSet()
 
 
-class _Core:
-    """One running core process and this side's two sockets to it."""
+class CoreProcess:
+    """A core process this process started, in a directory of its own; restartable at the same addresses."""
 
-    def __init__(self, context: zmq.Context, config: Config):
-        self.dir = Path(tempfile.mkdtemp(prefix="orpheus-core-"))
-        (self.dir / "config.json").write_text(messages.config_to_json(config))
-        self.requests = context.socket(zmq.PUSH)
-        self.requests.setsockopt(zmq.SNDHWM, 0)
-        self.requests.setsockopt(zmq.LINGER, 0)
-        self.requests.bind(f"ipc://{self.dir}/requests")
-        self.outputs = context.socket(zmq.PULL)
-        self.outputs.setsockopt(zmq.RCVHWM, 0)
-        self.outputs.bind(f"ipc://{self.dir}/outputs")
+    def __init__(self, config: Config):
+        self.config = config
+        self.addresses = messages.Addresses(Path(tempfile.mkdtemp(prefix="orpheus-core-")))
+        (self.addresses.directory / "config.json").write_text(messages.config_to_json(config))
+        self.process: subprocess.Popen | None = None
+        self.spawn()
+        _owned.add(self)
+
+    def spawn(self) -> None:
+        """Start the core process (loading takes seconds to minutes; it beats once it serves)."""
+        (self.addresses.directory / messages.FAILED).unlink(missing_ok=True)
         command = [
-            sys.executable, "-m", "pipecat_orpheus.core.process", "--config", str(self.dir / "config.json"),
-            "--inputs", f"ipc://{self.dir}/requests", "--outputs", f"ipc://{self.dir}/outputs",
-            "--parent", str(os.getpid()),
+            sys.executable, "-m", "pipecat_orpheus.core.process",
+            "--dir", str(self.addresses.directory), "--parent", str(os.getpid()),
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
-    def wait_ready(self) -> dict:
-        """Block until the core says ready; its start error (or its death) raised as ours."""
-        while True:
-            if self.outputs.poll(POLL_S * 1000):
-                message = messages.decode(self.outputs.recv())
-                if message[0] == "ready":
-                    return message[1]
-                if message[0] == "failed":
-                    raise messages.start_error(*message[1:])
-            elif self.process.poll() is not None:
-                raise ModelLoadError(
-                    f"the engine core exited with code {self.process.returncode} while starting (its log is above)"
-                )
+    @property
+    def alive(self) -> bool:
+        """Whether the process runs."""
+        return self.process is not None and self.process.poll() is None
 
-    def stop(self) -> None:
-        """Ask the core to stop, kill it if it does not, and remove its sockets."""
-        if self.process.poll() is None:
-            try:
-                self.requests.send(messages.STOP, zmq.NOBLOCK)
-                self.process.wait(STOP_WAIT_S)
-            except (zmq.ZMQError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
-        self.requests.close(linger=0)
-        self.outputs.close(linger=0)
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def start_error(self) -> BaseException:
+        """Why the process exited while starting: what it left behind, or its exit code."""
+        return messages.read_failure(self.addresses.directory) or ModelLoadError(
+            f"the engine core exited with code {self.process.returncode} while starting (its log is above)"
+        )
+
+    def stop(self, requests: zmq.Socket | None = None) -> None:
+        """Ask the core to stop (on `requests`, if given), kill it if it does not, and remove its directory."""
+        self.kill(requests)
+        shutil.rmtree(self.addresses.directory, ignore_errors=True)
+
+    def kill(self, requests: zmq.Socket | None = None) -> None:
+        """Stop the process now (gracefully first when a requests socket is given)."""
+        if not self.alive:
+            return
+        try:
+            if requests is None:
+                raise subprocess.TimeoutExpired("", 0)
+            requests.send(messages.STOP, zmq.NOBLOCK)
+            self.process.wait(STOP_WAIT_S)
+        except (zmq.ZMQError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
 
 
 class EngineClient:
@@ -96,42 +101,69 @@ class EngineClient:
 
     Args:
         config: the whole configuration (the core loads `model`, `engine`, `codec`; restarts follow `engine`).
+        addresses: the core's sockets.
+        owner: the core's process when this client started it (it then restarts it when it dies).
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, addresses: messages.Addresses, owner: CoreProcess | None = None):
         self.config = config
-        self.tokenizer = None  # loaded by `start` while the core loads the model
+        self.addresses = addresses
+        self.owner = owner
+        self.tokenizer = None  # loaded while the core loads the model
         self.closed = False
-        self.healthy = False  # a core is up and serving
-        self._down: str | None = None  # why the engine is down for good (restarts spent)
+        self.healthy = False  # a core beats and serves
         self.active_requests = 0  # as the core last reported
         self.queued_requests = 0
-        self.stats: EngineStats | None = None  # the core's engine counters, as of its last message
-        self._context = zmq.Context()
-        self._send_lock = threading.Lock()  # the requests socket is used from any event loop's thread
+        self.stats: EngineStats | None = None  # the core's engine counters, as of its last beat
+        self._core_pid: int | None = None  # the core this client's requests go to
+        self._last_beat = time.monotonic()
+        self._down: str | None = None  # why the engine is down for good (restarts spent)
+        self._name = f"p{os.getpid()}-{id(self):x}"  # this client's topic on the core's PUB socket
         self._streams: dict[str, AudioStream] = {}
         self._ids = itertools.count()
-        self._core = _Core(self._context, config)
+        self._context = zmq.Context()
+        self._send_lock = threading.Lock()  # the requests socket is used from any event loop's thread
+        self._requests = self._context.socket(zmq.PUSH)
+        self._requests.setsockopt(zmq.SNDHWM, 0)
+        self._requests.setsockopt(zmq.LINGER, 0)
+        self._requests.connect(addresses.requests)
+        self._outputs = self._context.socket(zmq.SUB)
+        self._outputs.setsockopt(zmq.RCVHWM, 0)
+        self._outputs.setsockopt(zmq.SUBSCRIBE, messages.topic(self._name))  # before BROADCAST: a beat
+        self._outputs.setsockopt(zmq.SUBSCRIBE, messages.BROADCAST)  # heard means both are in place
+        self._outputs.connect(addresses.outputs)
         self._receiver: threading.Thread | None = None
 
     @classmethod
     def start(cls, config: Config) -> EngineClient:
-        """Load the tokenizer, start the core and wait until it serves (blocking: minutes on a cold GPU)."""
+        """Start a core of its own and wait until it serves (blocking: minutes on a cold GPU)."""
+        owner = CoreProcess(config)  # the core starts loading now
+        client = cls(config, owner.addresses, owner)
+        try:
+            client._open()
+        except BaseException:
+            client._context.destroy(linger=0)
+            owner.stop()
+            raise
+        return client
+
+    @classmethod
+    def attach(cls, config: Config, addresses: messages.Addresses) -> EngineClient:
+        """Join a core another process started and owns (blocking until it beats)."""
+        client = cls(config, addresses)
+        client._open()
+        return client
+
+    def _open(self) -> None:
         from pipecat_orpheus.loader import load_tokenizer
 
-        client = cls(config)  # the core starts loading now
-        try:
-            client.tokenizer = load_tokenizer(config.model.llm)
-            info = client._core.wait_ready()
-        except BaseException:
-            client._core.stop()
-            raise
-        client.healthy = True
-        logger.info(f"{client}: engine core ready ({info['backend']})")
-        client._receiver = threading.Thread(target=client._receive, name="orpheus-core-receiver", daemon=True)
-        client._receiver.start()
-        _clients.add(client)
-        return client
+        self.tokenizer = load_tokenizer(self.config.model.llm)
+        while not self._hear(POLL_S):
+            if self.owner is not None and not self.owner.alive:
+                raise self.owner.start_error()
+        logger.info(f"{self}: engine core ready")
+        self._receiver = threading.Thread(target=self._receive, name="orpheus-core-receiver", daemon=True)
+        self._receiver.start()
 
     # -- Backend -------------------------------------------------------------------------------
 
@@ -143,92 +175,112 @@ class EngineClient:
             raise EngineFailed(self._down)
         if not self.healthy:
             raise EngineBusy("the engine core is restarting; try again shortly")
-        stream = AudioStream(f"c{next(self._ids)}", asyncio.get_running_loop(), self._cancel)
+        stream = AudioStream(f"{self._name}/{next(self._ids)}", asyncio.get_running_loop(), self._cancel)
         self._streams[stream.request_id] = stream
-        self._send(messages.submit(stream.request_id, prompts, sampling))
+        self._send(messages.submit(self._core_pid, stream.request_id, prompts, sampling))
         return stream
 
     def close(self) -> None:
-        """Stop the core; every stream in flight ends with `RequestCancelled`."""
+        """Stop listening (and stop the core if this client started it); streams in flight end cancelled."""
         if self.closed:
             return
         self.closed = True
         self.healthy = False
         if self._receiver is not None:
             self._receiver.join()
-        self._core.stop()
+        if self.owner is not None:
+            self.owner.stop(self._requests)
         self._fail_all(RequestCancelled("the Orpheus engine is closed"))
-        self._context.term()
+        self._context.destroy(linger=0)
 
     def _cancel(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None and self.healthy:
-            self._send(messages.cancel(request_id))
+            self._send(messages.cancel(self._core_pid, request_id))
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
-            self._core.requests.send(data)
+            self._requests.send(data)
 
     # -- the receiver thread -------------------------------------------------------------------
 
     def _receive(self) -> None:
         failures = 0
         while not self.closed and self._down is None:
-            if self._core.outputs.poll(POLL_S * 1000):
-                while True:
-                    try:
-                        message = messages.decode(self._core.outputs.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-                    if message[0] == "step":
-                        self._deliver(message[1])
-                        failures = 0
-            elif self._core.process.poll() is not None and not self.closed:
+            if self._hear(POLL_S):
+                failures = 0
+            elif self.owner is not None and not self.owner.alive:
                 failures = self._restart(failures + 1)
+            elif self.healthy and time.monotonic() - self._last_beat > SILENT_S:
+                self._lost(f"the engine core has been silent for {SILENT_S:.0f} s")
 
-    def _deliver(self, step: messages.Step) -> None:
+    def _hear(self, timeout_s: float) -> bool:
+        """Handle what the core sent within `timeout_s`; whether a beat came."""
+        beat = False
+        if not self._outputs.poll(timeout_s * 1000):
+            return False
+        while True:
+            try:
+                _, data = self._outputs.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return beat
+            message = messages.decode(data)
+            if message[0] == "step":
+                self._deliver(message[1], message[2])
+            elif message[0] == "beat":
+                beat = True
+                self._beat(message[1])
+
+    def _beat(self, beat: messages.Beat) -> None:
+        self._last_beat = time.monotonic()
+        self.active_requests, self.queued_requests = beat.active, beat.queued
+        if beat.stats is not None:
+            self.stats = EngineStats(*beat.stats)
+        if beat.pid != self._core_pid:  # a new core: what the old one held is lost
+            if self._core_pid is not None:
+                self._lost(f"the engine core was replaced (pid {self._core_pid} -> {beat.pid})")
+            self._core_pid = beat.pid
+        self.healthy = True
+
+    def _deliver(self, audio: list, ended: list) -> None:
         """One step's chunks and ends to their streams: one call into each event loop."""
-        self.active_requests, self.queued_requests = step.active, step.queued
-        if step.stats is not None:
-            self.stats = EngineStats(*step.stats)
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for request_id, pcm in step.audio:
+        for request_id, pcm in audio:
             stream = self._streams.get(request_id)
             if stream is not None:
                 by_loop[stream.loop].append((stream, np.frombuffer(pcm, dtype=np.float32)))
-        for request_id, kind, field, message in step.ended:
+        for request_id, kind, field, message in ended:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 by_loop[stream.loop].append((stream, messages.error_of(kind, field, message)))
-        for loop, items in by_loop.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_hand_over, items)
+        _hand_over(by_loop)
 
-    def _restart(self, attempt: int) -> int:
-        """The core died: fail what it held, start a new one (backing off); returns the failures in a row."""
-        code = self._core.process.returncode
+    def _lost(self, why: str) -> None:
+        """The core is gone: fail what it held; healthy again when a core beats."""
         self.healthy = False
         held = len(self._streams)
-        self._fail_all(EngineFailed(f"the engine core died (exit code {code}) mid-request"))
+        self._fail_all(EngineFailed(f"{why} mid-request"))
         self.active_requests = self.queued_requests = 0
-        self._core.stop()
+        logger.error(f"{self}: {why}; {held} requests failed")
+
+    def _restart(self, attempt: int) -> int:
+        """The core this client started died: restart it, backing off; returns the failures in a row."""
+        code = self.owner.process.returncode
+        self._lost(f"the engine core died (exit code {code})")
+        self._core_pid = None
         if attempt > self.config.engine.core_restarts:
             self._down = f"the engine core died {attempt} times in a row (last exit code {code}); restart the service"
             logger.error(f"{self}: {self._down}")
             return attempt
         delay = self.config.engine.core_restart_backoff_s * 2 ** (attempt - 1)
-        logger.error(
-            f"{self}: the engine core died (exit code {code}); {held} requests failed; "
-            f"restart {attempt} of {self.config.engine.core_restarts} in {delay:.1f} s"
-        )
+        logger.error(f"{self}: restart {attempt} of {self.config.engine.core_restarts} in {delay:.1f} s")
         time.sleep(delay)
-        try:
-            self._core = _Core(self._context, self.config)
-            self._core.wait_ready()
-        except Exception as e:
-            logger.error(f"{self}: the engine core did not restart: {e}")
-            return attempt
-        self.healthy = True
-        logger.info(f"{self}: engine core restarted")
+        self.owner.spawn()
+        while self.owner.alive and not self._hear(POLL_S):
+            pass
+        if self.owner.alive:
+            logger.info(f"{self}: engine core restarted")
+        else:
+            logger.error(f"{self}: the engine core did not restart: {self.owner.start_error()}")
         return attempt
 
     def _fail_all(self, error: BaseException) -> None:
@@ -236,16 +288,20 @@ class EngineClient:
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for stream in streams.values():
             by_loop[stream.loop].append((stream, error))
-        for loop, items in by_loop.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_hand_over, items)
+        _hand_over(by_loop)
 
     def __repr__(self) -> str:
-        return f"EngineClient(core pid {self._core.process.pid}, {'up' if self.healthy else 'down'})"
+        return f"EngineClient(core pid {self._core_pid}, {'up' if self.healthy else 'down'})"
 
 
-def _hand_over(items: list[tuple[AudioStream, np.ndarray | BaseException | None]]) -> None:
-    """On a stream's event loop: chunks to their streams, ends (None, or the error) to theirs."""
+def _hand_over(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:
+    """Each event loop gets its streams' items in one call: chunks, and ends (None, or the error)."""
+    for loop, items in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[AudioStream, np.ndarray | BaseException | None]]) -> None:
     for stream, item in items:
         if isinstance(item, np.ndarray):
             stream.put(item)
@@ -255,5 +311,5 @@ def _hand_over(items: list[tuple[AudioStream, np.ndarray | BaseException | None]
 
 @atexit.register
 def _stop_cores() -> None:
-    for client in list(_clients):
-        client.close()
+    for core in list(_owned):
+        core.stop()

@@ -1,9 +1,13 @@
-"""What an engine client and its engine core say to each other, as msgpack over ZeroMQ.
+"""What engine clients and their engine core say to each other, as msgpack over ZeroMQ.
 
-To the core: `submit` (request id, token prompts, sampling), `cancel` (request id), `stop`.
-From the core: `ready` once its backend is loaded and warm (or `failed`, naming why), then one
-`step` per engine step: every request's new PCM (float32 bytes, in order), every request that
-ended (with the kind of error when it did not finish), and the engine's load.
+To the core (one PULL socket, every client PUSHes to it): `submit` and `cancel`, each naming the
+core it was meant for (its pid: a request queued while a core restarted must not reach the new
+one), and `stop`. From the core (one PUB socket, each client subscribes to its own topic and to
+`BROADCAST`): one `step` per engine step and client, with every request's new PCM (float32
+bytes, in order) and every request that ended (with the kind of error when it did not finish),
+and on `BROADCAST` a `beat` with the core's pid, its load and the engine's counters, at every
+change and at least every `BEAT_S` (a client that hears none knows its core is gone). A core
+that cannot start writes why to `FAILED` in its directory and exits.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -27,59 +32,76 @@ from pipecat_orpheus.errors import (
     RequestCancelled,
 )
 
+BEAT_S = 0.25  # the longest a core stays silent
+BROADCAST = b"*\0"
+FAILED = "failed.json"  # in the core's directory: why it could not start
+
 Ended = tuple[str, str | None, str, str]  # (request id, error kind or None when finished, field, message)
 _KINDS = {"cancelled": RequestCancelled, "busy": EngineBusy, "closed": EngineClosed, "internal": EngineFailed}
 
 
-@dataclass(slots=True)
-class Step:
-    """One engine step's output: new PCM per request, the requests that ended, the load after it."""
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    """Where a core listens: a directory of its own, its two sockets in it."""
 
-    audio: list[tuple[str, bytes]]
-    ended: list[Ended]
+    directory: Path
+
+    @property
+    def requests(self) -> str:
+        """Clients PUSH requests here; the core PULLs."""
+        return f"ipc://{self.directory}/requests"
+
+    @property
+    def outputs(self) -> str:
+        """The core PUBlishes here; each client SUBscribes to its topic and `BROADCAST`."""
+        return f"ipc://{self.directory}/outputs"
+
+
+@dataclass(slots=True)
+class Beat:
+    """The core is alive: its pid, its load and the engine's `EngineStats` fields (None: the reference path)."""
+
+    pid: int
     active: int
     queued: int
-    stats: list | None  # the engine's `EngineStats` fields in order (the reference path has none)
+    stats: list | None
 
 
-def submit(request_id: str, prompts: list[list[int]], sampling: SamplingParams) -> bytes:
-    """The message that asks the core to speak `prompts` as request `request_id`."""
-    return msgpack.packb(["submit", request_id, prompts, dataclasses.asdict(sampling)])
+def topic(client: str) -> bytes:
+    """A client's topic (terminated, so no client's topic is a prefix of another's)."""
+    return client.encode() + b"\0"
 
 
-def cancel(request_id: str) -> bytes:
-    """The message that stops request `request_id`."""
-    return msgpack.packb(["cancel", request_id])
+def submit(core: int, request_id: str, prompts: list[list[int]], sampling: SamplingParams) -> bytes:
+    """Ask core `core` to speak `prompts` as request `request_id` ("client/n")."""
+    return msgpack.packb(["submit", core, request_id, prompts, dataclasses.asdict(sampling)])
+
+
+def cancel(core: int, request_id: str) -> bytes:
+    """Stop request `request_id` on core `core`."""
+    return msgpack.packb(["cancel", core, request_id])
 
 
 STOP = msgpack.packb(["stop"])
 
 
-def ready(info: dict) -> bytes:
-    """The core's first message once it serves: what it runs (for logs)."""
-    return msgpack.packb(["ready", info])
+def step(audio: list[tuple[str, np.ndarray]], ended: list[Ended]) -> bytes:
+    """One step's output for one client."""
+    return msgpack.packb(["step", [(i, pcm.tobytes()) for i, pcm in audio], ended])
 
 
-def failed(error: BaseException) -> bytes:
-    """The core's only message when it cannot start: the error's kind and its message."""
-    if isinstance(error, ConfigError):
-        return msgpack.packb(["failed", "ConfigError", error.key, error.reason])
-    return msgpack.packb(["failed", type(error).__name__, "", str(error)])
-
-
-def step(audio: list[tuple[str, np.ndarray]], ended: list[Ended], active: int, queued: int, stats) -> bytes:
-    """One step's output (see `Step`); `stats` an `EngineStats` or None."""
-    counters = dataclasses.astuple(stats) if stats is not None else None
-    return msgpack.packb(["step", [(i, pcm.tobytes()) for i, pcm in audio], ended, active, queued, counters])
+def beat(pid: int, active: int, queued: int, stats) -> bytes:
+    """The core's heartbeat; `stats` an `EngineStats` or None."""
+    return msgpack.packb(["beat", pid, active, queued, dataclasses.astuple(stats) if stats is not None else None])
 
 
 def decode(data: bytes) -> list:
-    """A message as [kind, *fields]; `step` fields as a `Step`, `submit` sampling as `SamplingParams`."""
+    """A message as [kind, *fields]: a `beat` as a `Beat`, a `submit`'s sampling as `SamplingParams`."""
     message = msgpack.unpackb(data, use_list=True)
-    if message[0] == "step":
-        return ["step", Step([tuple(a) for a in message[1]], [tuple(e) for e in message[2]], *message[3:])]
+    if message[0] == "beat":
+        return ["beat", Beat(*message[1:])]
     if message[0] == "submit":
-        return ["submit", message[1], message[2], SamplingParams(**message[3])]
+        return [*message[:4], SamplingParams(**message[4])]
     return message
 
 
@@ -102,9 +124,21 @@ def error_of(kind: str | None, field: str, message: str) -> BaseException | None
     return _KINDS.get(kind, EngineFailed)(message)
 
 
-def start_error(kind: str, key: str, message: str) -> BaseException:
-    """The error a client raises when its core could not start."""
-    return ConfigError(key, message) if kind == "ConfigError" else ModelLoadError(message)
+def write_failure(directory: Path, error: BaseException) -> None:
+    """What a core that cannot start leaves for the process that started it."""
+    key, reason = (error.key, error.reason) if isinstance(error, ConfigError) else ("", str(error))
+    (directory / FAILED).write_text(json.dumps({"kind": type(error).__name__, "key": key, "message": reason}))
+
+
+def read_failure(directory: Path) -> BaseException | None:
+    """The error a core left behind when it could not start, as the client raises it."""
+    try:
+        failure = json.loads((directory / FAILED).read_text())
+    except FileNotFoundError:
+        return None
+    if failure["kind"] == "ConfigError":
+        return ConfigError(failure["key"], failure["message"])
+    return ModelLoadError(failure["message"])
 
 
 def config_to_json(config: Config) -> str:

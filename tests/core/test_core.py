@@ -128,7 +128,7 @@ async def test_a_killed_core_fails_its_requests_and_comes_back(tiny_model_dir):
                 stream = synth.submit(LONG_TEXT, sampling=LONG)
                 await anext(stream)
                 await ws.send(p.encode(p.Speak(LONG_TEXT, id="cut")))
-                os.kill(core._core.process.pid, signal.SIGKILL)
+                os.kill(core.owner.process.pid, signal.SIGKILL)
                 with pytest.raises(EngineFailed, match="died"):
                     await stream.read_all()
                 assert await eventually(lambda: not core.healthy, timeout_s=5)
@@ -154,7 +154,7 @@ def test_the_core_exits_when_its_parent_is_killed(tiny_model_dir):
         from pipecat_orpheus.core import EngineClient
         from tests.core.test_core import core_config
         client = EngineClient.start(core_config({str(tiny_model_dir)!r}))
-        print(client._core.process.pid, flush=True)
+        print(client.owner.process.pid, flush=True)
         import time; time.sleep(600)
         """
     )
