@@ -1,56 +1,28 @@
 """Faults: a request that fails, a client killed mid-utterance, SIGTERM, a server restart, memory at start."""
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import pytest
 from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame, TTSSpeakFrame, TTSStartedFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
 
+from bench.reliability.common import AUTH, KEY, LONG_TEXT, Bench, Findings, idle, pack, utterance
+from bench.reliability.faults import killed_client, oom_message, poison, restart_under_client, sigterm_drain
 from pipecat_orpheus.cli import USER_ERROR_EXIT, main
-from pipecat_orpheus.config import load_config
-from pipecat_orpheus.engine.runner import check_kv_fits
-from pipecat_orpheus.errors import ModelLoadError
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import OrpheusServer, serve
-from tests.helpers import Restart, http_get, messages, of, pack, samples, speak, until, with_
-from tests.reliability_helpers import (  # noqa: F401 (fixtures)
-    LONG,
-    config,
-    expected,
-    good_client,
-    idle,
-    synth,
-    tiny_overrides,
-    utterance,
-)
-
-POISON = "\U0001f600" * 150  # 150 chars but 4 byte-tokens each: its prompt (~610) cannot fit a 512-token slot
-
-KILLED_CLIENT = Path(__file__).resolve().parent / "killed_client.py"  # speaks, says "audio", waits to die
+from tests.helpers import Restart, of, samples, speak, until, with_
+from tests.reliability_helpers import config, expected, synth, tiny_overrides  # noqa: F401 (fixtures)
 
 
 async def test_a_failing_request_fails_alone(config, synth, expected):
     """A text whose prompt cannot fit a slot fails alone with Error{bad_request} naming the key; the rest goes on."""
-    async with serve(config, synth, port=0, api_keys=[]) as server:
-        async with connect(server.url) as ws:
-            await ws.recv()
-            other = asyncio.create_task(good_client(server.url, 3))
-            await ws.send(pack(type="Speak", text=POISON, id="bad"))
-            error = p.decode_server(await ws.recv())
-            assert (error.type, error.code, error.id) == ("Error", "bad_request", "bad")
-            assert "engine.max_tokens_per_slot" in error.message
-            assert (await utterance(ws, "ok"))[0] == expected
-            assert await other == [expected] * 3
+    async with serve(config, synth, port=0, api_keys=[KEY]) as server:
+        bench = Bench(server, synth, expected)
+        failed_alone, others = await asyncio.gather(poison(bench), bench.speak(3))
+        assert not bench.failures, bench.failures  # the Error, then a whole utterance on the same stream
+        assert failed_alone == 1 and others == [expected] * 3
         await idle(server, synth)
 
 
@@ -91,11 +63,12 @@ class FailsMidStream:
 
 async def test_a_request_failing_mid_stream_fails_alone(config, synth, expected):
     """A request whose audio breaks mid-stream ends with Error{internal}; its stream and every other go on."""
-    async with serve(config, FailsMidStream(synth), port=0, api_keys=[]) as server:
-        async with connect(server.url) as ws:
+    async with serve(config, FailsMidStream(synth), port=0, api_keys=[KEY]) as server:
+        bench = Bench(server, synth, expected)
+        async with connect(server.url, additional_headers=AUTH) as ws:
             await ws.recv()
-            other = asyncio.create_task(good_client(server.url, 3))
-            await ws.send(pack(type="Speak", text="FAIL " + LONG, id="bad"))
+            other = asyncio.create_task(bench.speak(3))
+            await ws.send(pack(type="Speak", text="FAIL " + LONG_TEXT[:300], id="bad"))
             got = [p.decode_server(await ws.recv())]
             while not isinstance(got[-1], p.Error):
                 got.append(p.decode_server(await ws.recv()))
@@ -106,65 +79,31 @@ async def test_a_request_failing_mid_stream_fails_alone(config, synth, expected)
         await idle(server, synth)
 
 
-async def test_client_killed_mid_utterance_frees_its_slot(config, synth):
+async def test_client_killed_mid_utterance_frees_its_slot(config, synth, expected):
     """A client process killed with SIGKILL mid-utterance has its engine slot freed at once."""
-    async with serve(with_(config, sampling={"max_tokens": 490}), synth, port=0, api_keys=[]) as server:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(KILLED_CLIENT), server.url, LONG, stdout=subprocess.PIPE
-        )
-        try:
-            assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"audio"
-            assert synth.active_requests == 1
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-            t0 = time.monotonic()
-            await idle(server, synth)
-            assert time.monotonic() - t0 < 1.0  # its 490 tokens would take many seconds
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    async with serve(with_(config, sampling={"max_tokens": 490}), synth, port=0, api_keys=[KEY]) as server:
+        result = await killed_client(Bench(server, synth, expected), engine_alone=True)
+    assert result["active_at_kill"] == 1
+    assert result["slot_freed_after_s"] < 1.0  # its 490 tokens a piece would take many seconds
 
 
-async def test_sigterm_drains_a_real_serve_process(tiny_model_dir, tmp_path):
+async def test_sigterm_drains_a_real_serve_process(tiny_model_dir):
     """SIGTERM to `pipecat-orpheus serve` mid-utterance: new streams refused, the utterance gets Done, then 1001."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {f"ORPHEUS_{k.replace('.', '_').upper()}": str(v) for k, v in tiny_overrides(tiny_model_dir).items()}
-    env.update(ORPHEUS_SAMPLING_MAX_TOKENS="140", ORPHEUS_SERVER_SHUTDOWN_GRACE_S="30", ORPHEUS_API_KEYS="")
-    env = {**os.environ, **env}
-    cmd = [sys.executable, "-m", "pipecat_orpheus.cli", "serve", "--port", str(port)]
-    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=subprocess.DEVNULL)
-    try:
-        async with asyncio.timeout(90):
-            while not await _healthy(port):
-                await asyncio.sleep(0.1)
-        async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
-            await ws.recv()
-            await ws.send(pack(type="Speak", text=LONG, id="u"))
-            got = [p.decode_server(await ws.recv())]
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(10):
-                while (await http_get(port, "/healthz"))[0] != 503:
-                    await asyncio.sleep(0.02)
-            with pytest.raises((InvalidStatus, OSError)):
-                await connect(f"ws://127.0.0.1:{port}/ws")  # 503 while draining
-            rest, code = await messages(ws)
-        got += rest
-        assert got[0].type == "Audio" and isinstance(got[-1], p.Done) and code == 1001
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    findings = Findings()
+    drain = {**tiny_overrides(tiny_model_dir), "sampling.max_tokens": 140, "server.shutdown_grace_s": 30}
+    result = await sigterm_drain(findings, drain, text=LONG_TEXT[:300])
+    assert not findings.failures, findings.failures
+    assert result["first_message_audio"] and result["new_stream_refused"] and result["healthz_503_after_s"] < 10
+    assert result["done_before_close"] and result["close_code"] == 1001 and result["exit_code"] == 0
 
 
-async def _healthy(port):
-    try:
-        return (await http_get(port, "/healthz"))[0] == 200
-    except OSError:
-        return False
+async def test_server_restart_under_a_client_cuts_that_utterance_only(config, synth, expected):
+    """An `OrpheusClient` utterance cut by a server restart raises ConnectionError; the next one reconnects, whole."""
+    async with serve(config, synth, port=0, api_keys=[KEY]) as server:
+        bench = Bench(server, synth, expected)
+        result = await restart_under_client(bench, config, rounds=2)
+    assert not bench.failures, bench.failures
+    assert result["utterances_cut_with_error"] == result["next_utterance_whole"] == 2
 
 
 async def test_server_restart_mid_turn_under_remote_service(config, synth):
@@ -197,7 +136,7 @@ async def test_server_restart_mid_turn_under_remote_service(config, synth):
         servers.append(first)
         tts = OrpheusTTSService(config=cfg, url=first.url)
         try:
-            frames = [TTSSpeakFrame(LONG), Restart(), TTSSpeakFrame("Turn two.")]
+            frames = [TTSSpeakFrame(LONG_TEXT[:300]), Restart(), TTSSpeakFrame("Turn two.")]
             down, up = await speak(Pipeline([Restarter(), tts, Ear()]), frames)
         finally:
             for server in servers[1:]:
@@ -211,10 +150,7 @@ async def test_server_restart_mid_turn_under_remote_service(config, synth):
 
 def test_gpu_memory_check_and_start_failure_name_what_to_change(tiny_model_dir, capsys):
     """A KV cache that does not fit names the keys to lower; a model that cannot load ends serve with one line."""
-    with pytest.raises(ModelLoadError) as info:
-        check_kv_fits(need=60 * 2**30, free=40 * 2**30, config=load_config().engine)  # a busy 80 GB card
-    for key in ("engine.max_slots", "engine.max_tokens_per_slot", "engine.gpu_memory_fraction"):
-        assert key in str(info.value)
+    assert len(oom_message()["names_keys"]) == 3  # engine.max_slots, max_tokens_per_slot, gpu_memory_fraction
     argv = ["serve", "--model", str(tiny_model_dir / "missing"), "--codec", str(tiny_model_dir / "snac")]
     assert main([*argv, "--device", "cpu", "--port", "0"]) == USER_ERROR_EXIT
     err = capsys.readouterr().err

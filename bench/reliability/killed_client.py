@@ -1,7 +1,7 @@
 """A client process to be killed mid-utterance: it speaks, says `audio` on stdout at its first Audio, then waits.
 
-`python tests/killed_client.py URL TEXT [API_KEY]`, started and SIGKILLed by
-tests/test_reliability_faults.py and bench/bench_reliability_faults.py.
+`python bench/reliability/killed_client.py URL TEXT [API_KEY]`, started and SIGKILLed by the
+`killed_client` scenario of faults.py (a script, not a module: it imports nothing of this repository).
 """
 
 import asyncio

@@ -1,28 +1,27 @@
-"""Reliability bench: the server under hostile input, auth attacks, floods, faults and a churn soak.
+"""Reliability bench: the server under hostile input, auth attacks, floods, text attacks, faults and a soak.
 
 One in-process server (the engine `load_synthesizer` picks, `--backend` to change it) with an API
 key, small ping and buffer bounds. Through every phase a few well-behaved clients speak one
 utterance after another on persistent connections; each must get every sample (seeded sampling:
 the expected length is measured once, alone) and its time to first audio (TTFA) is recorded.
 
-fuzz    hostile frames from seeded random generators over real sockets (bad msgpack, non-maps,
-        unknown types, wrong field types, huge and nested values, invalid UTF-8, text frames,
-        frames past both size limits, valid messages in invalid orders);
-auth    missing/wrong/empty/overlong/duplicated keys in header, bearer and query (401 each),
-        right keys accepted, and the key never in the logs;
-floods  connections past the limit, Text/Speak/Marker floods, slow readers, silent peers and
-        half-open handshakes, cancel storms, rapid connect/disconnect;
-faults  a request that fails for real (prompt too long for a slot), clients killed with SIGKILL
-        mid-utterance, SIGTERM of a real `pipecat-orpheus serve` mid-utterance (drain), a server
-        restart under an `OrpheusClient`, the KV-cache-does-not-fit message;
-soak    churn at full concurrency (connect, speak, read/cancel/abort, disconnect).
-baseline (first) the good clients alone, the reference for their TTFA under abuse.
+baseline      (first) the good clients alone, the reference for their TTFA under abuse;
+fuzz          hostile frames from hypothesis strategies over real sockets, RFC 6455 violations,
+              odd request targets (fuzz.py);
+auth          missing/wrong/empty/overlong/duplicated keys in header, bearer and query (auth.py);
+floods        connections past the limit, Text/Speak/Marker floods, slow readers, silent peers,
+              half-open handshakes, cancel storms, churn, ping floods, shutdowns with deaf peers (floods.py);
+text_attacks  a bystander's chunk gaps and /healthz under the texts that once stalled the event
+              loop, against a baseline of its own, on a `pipecat-orpheus serve` subprocess (text_attacks.py);
+faults        a request that fails, clients killed with SIGKILL, SIGTERM of a real server mid-utterance,
+              a server restart under an `OrpheusClient`, the KV-cache message (faults.py);
+soak          churn at full concurrency (soak.py).
 
-After each phase: engine slots back to 0, no asyncio task left over, /healthz 200.
-Each phase is a module bench_reliability_<phase>.py; what they share is bench_reliability_common.py.
+After each phase: engine slots back to 0, no asyncio task left over, /healthz 200 (common.py).
+tests/test_reliability_*.py and tests/test_fuzz.py run the same scenarios, short.
 
-python bench/bench_reliability.py --soak-s 600          # -> bench/results/reliability.json
-python bench/bench_reliability.py --soak-s 20 --fuzz-frames 2000 --auth-attempts 300 --out /tmp/rel.json
+python3 -m bench.reliability.run --soak-s 600          # -> bench/results/reliability.json
+python3 -m bench.reliability.run --soak-s 20 --fuzz-frames 2000 --auth-attempts 300 --scale 1 --out /tmp/rel.json
 (it re-runs itself with MALLOC_ENV set unless --default-malloc: see MALLOC_ENV)
 """
 
@@ -33,19 +32,20 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from bench_reliability_auth import run_auth
-from bench_reliability_common import GOOD_TEXT, KEY, Bench
-from bench_reliability_faults import run_faults
-from bench_reliability_floods import run_floods
-from bench_reliability_fuzz import run_fuzz
-from bench_reliability_soak import run_soak
 from loguru import logger
 
+from bench.reliability.auth import run_auth
+from bench.reliability.common import GOOD_TEXT, KEY, Bench, Findings, guarded, small_send_buffer_listener
+from bench.reliability.faults import run_faults
+from bench.reliability.floods import run_floods
+from bench.reliability.fuzz import run_fuzz
+from bench.reliability.soak import run_soak
+from bench.reliability.text_attacks import run_text_attacks
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.speech import load_synthesizer
 from pipecat_orpheus.testing import make_tiny_model, tiny_model_overrides
@@ -59,6 +59,17 @@ from pipecat_orpheus.wire.server import OrpheusServer
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
+async def text_attacks(overrides: dict, seconds: float) -> dict:
+    """The text-attack section: on a server process of its own, so without the good clients (they would be noise)."""
+    print(f"[{time.strftime('%H:%M:%S')}] text_attacks ...", flush=True)
+    findings = Findings()
+    result = await guarded(findings, "text attacks", run_text_attacks(findings, overrides, seconds)) or {}
+    section = {"failures": len(findings.failures), "data_lost": result.pop("data_lost", 0), **result}
+    section["failure_samples"] = findings.failures[:10]
+    print(f"    {json.dumps(section)}", flush=True)
+    return section
+
+
 async def main(args) -> dict:
     model_dir = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="bench_rel_"))
     if not args.model_dir:
@@ -68,7 +79,7 @@ async def main(args) -> dict:
         "engine.backend": args.backend,
         "engine.max_slots": args.slots,
         "engine.max_queue": 4 * args.slots,
-        "engine.max_tokens_per_slot": 256,  # POISON's prompt (~460 tokens) does not fit: a real per-request fault
+        "engine.max_tokens_per_slot": 256,  # POISON's prompt (~610 tokens) does not fit: a real per-request fault
         "engine.max_chars_per_piece": 160,  # while every ASCII piece (<= ~175 tokens) + 70 audio tokens does
         "sampling.max_tokens": 70,  # 10 frames (0.85 s) per piece
         "sampling.seed": 7,  # every request of a text gets the same tokens: lengths are known
@@ -82,8 +93,7 @@ async def main(args) -> dict:
     synth = await asyncio.to_thread(load_synthesizer, cfg)
     solo = synth.submit(GOOD_TEXT)
     expected = len(await solo.read_all())
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # a slow reader's backlog reaches the server
+    listener = small_send_buffer_listener()  # a slow reader's backlog reaches the server
     server = OrpheusServer(cfg, synth, sock=listener, api_keys=[KEY])
     await server.start()
     bench = Bench(server, synth, expected, args.good)
@@ -106,22 +116,23 @@ async def main(args) -> dict:
         phases["baseline"] = await bench.phase("baseline", lambda: asyncio.sleep(args.baseline_s))  # no abuse
         phases["fuzz"] = await bench.phase("fuzz", lambda: run_fuzz(bench, cfg.limits, args.fuzz_frames, args.seed))
         phases["auth"] = await bench.phase("auth", lambda: run_auth(bench, args.auth_attempts))
-        phases["floods"] = await bench.phase("floods", lambda: run_floods(bench, cfg, args.scale))
-        phases["faults"] = await bench.phase("faults", lambda: run_faults(bench, cfg, model_dir, args.scale))
+        phases["floods"] = await bench.phase("floods", lambda: run_floods(bench, cfg, overrides, args.scale))
+        phases["text_attacks"] = await text_attacks(overrides, args.text_attack_s)
+        phases["faults"] = await bench.phase("faults", lambda: run_faults(bench, cfg, overrides, args.scale))
         soak = await bench.phase("soak", lambda: run_soak(bench, args.soak_s, args.slots, args.seed))
         phases["soak"] = soak
     finally:
         await server.shutdown(grace_s=1)
         synth.close()
-    phases["auth"]["key_in_log_lines"] = leaks["lines"]
+    phases["auth"]["key_in_log_lines_all_phases"] = leaks["lines"]
     if leaks["lines"]:
         phases["auth"]["failures"] += 1
     return {
-        "frames_fuzzed": phases["fuzz"]["frames_fuzzed"],
-        "auth_attempts": phases["auth"]["auth_attempts"],
+        "frames_fuzzed": phases["fuzz"].get("frames_fuzzed"),
+        "auth_attempts": phases["auth"].get("auth_attempts"),
         "failures": sum(ph["failures"] for ph in phases.values()),
         "data_lost": sum(ph["data_lost"] for ph in phases.values()),
-        "rss_growth_pct": soak["soak_rss_growth_pct"],
+        "rss_growth_pct": soak.get("soak_rss_growth_pct"),
         "soak_s": args.soak_s,
         "categories": phases,
         "setup": {
@@ -133,7 +144,7 @@ async def main(args) -> dict:
             "good_clients": args.good,
             "expected_samples_per_good_utterance": expected,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.python_version()}",
-            "command": " ".join(sys.argv),
+            "command": " ".join(["python3 -m", __spec__.name, *sys.argv[1:]]),
             "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
         },
     }
@@ -149,13 +160,16 @@ if __name__ == "__main__":
     parser.add_argument("--good", type=int, default=4, help="well-behaved clients running through every phase")
     parser.add_argument("--backend", default=load_config().engine.backend, choices=("batched", "reference"))
     parser.add_argument("--model-dir", default=None, help="a directory with llm/ and snac/ (default: a tiny model)")
+    parser.add_argument(
+        "--text-attack-s", type=float, default=20, help="text attacks: seconds of each of alone, control, attack"
+    )
     parser.add_argument("--baseline-s", type=float, default=20, help="good clients alone, for reference TTFA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/reliability.json")
     parser.add_argument("--default-malloc", action="store_true", help=f"run without {', '.join(MALLOC_ENV)}")
     args = parser.parse_args()
     if not args.default_malloc and any(k not in os.environ for k in MALLOC_ENV):  # glibc reads them at start
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], {**MALLOC_ENV, **os.environ})
     result = asyncio.run(main(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,8 +1,10 @@
-"""What every phase of the reliability bench shares: the key, the texts, the well-behaved clients, the checks.
+"""What every reliability scenario shares: the key, the texts, good clients, raw peers, the checks.
 
-`Bench.phase` runs one phase's abuse with the good clients alongside, then checks that the server
-is whole again (slots back to 0, no asyncio task left over, /healthz 200); bench_reliability.py
-drives the phases.
+A scenario is a coroutine over a `Bench` (a running server, its synthesizer, the samples of one
+good utterance), or over bare `Findings` when it starts its own `pipecat-orpheus serve`. It
+records what went wrong with `fail` and returns what it measured. run.py runs each one at length
+with good clients alongside (`Bench.phase`); tests/test_reliability_*.py run the same ones short,
+on servers of their own, and assert on the failures and the numbers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import logging
 import os
 import socket
 import statistics
+import sys
+import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import msgpack
@@ -24,19 +29,22 @@ from loguru import logger
 from websockets.asyncio.client import connect
 
 from pipecat_orpheus.wire import protocol as p
-from pipecat_orpheus.wire.server import OrpheusServer
 
-KEY = "bench-Key-7f3a9c"  # the server's one API key; must never reach a log
+KEY = "bench-Key-7f3a9c"  # the servers' one API key; must never reach a log
 AUTH = {"kyutai-api-key": KEY}
 GOOD_TEXT = "Hello there, how can I help you today?"
 LONG_TEXT = "One two three four five six seven eight nine ten eleven twelve. " * 30
-POISON = "語" * 150  # one 150-char piece, 3 byte-tokens a char: its prompt does not fit a slot, submit fails
+POISON = "\U0001f600" * 150  # one 150-char piece of 4 byte-tokens a char: its prompt fits no slot of <= 512 tokens
 ALLOWED_CLOSES = {1000, 1007, 1009, 1013}  # Eos done, invalid UTF-8, frame past max_frame_bytes, busy
-REPLY_TIMEOUT_S = 60  # a well-behaved client waiting longer than this for audio counts as starved
+REPLY_TIMEOUT_S = 60  # a well-behaved client waiting longer than this for a reply counts as starved
 UPGRADE = (
     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n"
 )
+
+
+def pack(**body) -> bytes:
+    return msgpack.packb(body)
 
 
 def rss_mib() -> float:
@@ -71,27 +79,68 @@ def p99_ms(values: list[float]) -> float | None:
     return round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)
 
 
-def pack(**body) -> bytes:
-    return msgpack.packb(body)
+async def until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Wait for `condition()`; TimeoutError past `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
-class Bench:
-    """The server, its well-behaved clients and the counters of the current phase."""
+async def idle(server, synth, timeout_s: float = 15) -> None:
+    """Wait until the engine holds no request and the server no stream; TimeoutError past `timeout_s`."""
+    await until(lambda: not (synth.active_requests or synth.queued_requests or server.open_streams), timeout_s)
 
-    def __init__(self, server: OrpheusServer, synth, expected: int, n_good: int):
-        self.server, self.synth, self.expected, self.n_good = server, synth, expected, n_good
-        self.url = server.url
+
+async def utterance(ws, id, text: str = GOOD_TEXT) -> tuple[int, float]:
+    """Speak `text` on an open stream; (samples, seconds to the first audio) once its Done arrives.
+
+    An Error raises, and so does a reply slower than REPLY_TIMEOUT_S (a starved client).
+    """
+    t0, first, samples = time.perf_counter(), None, 0
+    await ws.send(pack(type="Speak", text=text, id=id))
+    while True:
+        async with asyncio.timeout(REPLY_TIMEOUT_S):
+            m = p.decode_server(await ws.recv())
+        if isinstance(m, p.Audio):
+            first = first if first is not None else time.perf_counter() - t0
+            samples += len(m.pcm)
+        elif isinstance(m, p.Done) and m.id == id:
+            return samples, first
+        elif isinstance(m, p.Error):
+            raise RuntimeError(f"Error: {m.message}")
+
+
+class Findings:
+    """What went wrong, in words; a scenario goes on after a failure, so the rest is measured too."""
+
+    def __init__(self):
         self.failures: list[str] = []
-        self.data_lost = 0
-        self.ttfa: list[float] = []
-        self.utterances = 0
-        self.unhandled = 0  # exceptions that reached the event loop's handler
 
     def fail(self, what: str) -> None:
         self.failures.append(what[:300])
 
+
+class Bench(Findings):
+    """A server, its synthesizer, the samples of one GOOD_TEXT utterance, and the counters of a phase."""
+
+    def __init__(self, server, synth, expected: int, n_good: int = 0):
+        super().__init__()
+        self.server, self.synth, self.expected, self.n_good = server, synth, expected, n_good
+        self.url = server.url
+        self.data_lost = 0
+        self.ttfa: list[float] = []
+        self.utterances = 0
+        self.unhandled = 0  # exceptions that reached the event loop's handler (run.py counts them)
+
+    async def speak(self, utterances: int, text: str = GOOD_TEXT) -> list[int]:
+        """A good client: `utterances` of `text`, one after another on one stream; the samples of each."""
+        async with connect(self.url, additional_headers=AUTH, compression=None) as ws:
+            if (first := p.decode_server(await ws.recv())) != p.Ready():
+                raise RuntimeError(f"first message {first}, not Ready")
+            return [(await utterance(ws, i, text))[0] for i in range(utterances)]
+
     async def good_client(self, stop: asyncio.Event, i: int) -> None:
-        """Speak GOOD_TEXT again and again; every utterance must be whole and in time."""
+        """Speak GOOD_TEXT again and again until `stop`; every utterance must be whole and in time."""
         n = 0
         while not stop.is_set():
             try:
@@ -99,18 +148,7 @@ class Bench:
                     assert p.decode_server(await ws.recv()) == p.Ready()
                     while not stop.is_set():
                         n += 1
-                        t0, first, samples = time.perf_counter(), None, 0
-                        await ws.send(pack(type="Speak", text=GOOD_TEXT, id=n))
-                        while True:
-                            async with asyncio.timeout(REPLY_TIMEOUT_S):
-                                m = p.decode_server(await ws.recv())
-                            if isinstance(m, p.Audio):
-                                first = first if first is not None else time.perf_counter() - t0
-                                samples += len(m.pcm)
-                            elif isinstance(m, p.Done):
-                                break
-                            elif isinstance(m, p.Error):
-                                raise RuntimeError(f"Error: {m.message}")
+                        samples, first = await utterance(ws, n)
                         self.utterances += 1
                         self.ttfa.append(first)
                         if samples != self.expected:
@@ -121,7 +159,10 @@ class Bench:
                 await asyncio.sleep(0.5)
 
     async def phase(self, name: str, work) -> dict:
-        """Run `work()` with the good clients alongside; then check the server is whole again."""
+        """Run `work()` with `n_good` good clients alongside; then check that the server is whole again.
+
+        Whole: engine slots back to 0, no stream open, no asyncio task left over, /healthz 200.
+        """
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         self.failures, self.data_lost, self.ttfa, self.utterances = [], 0, [], 0
         unhandled0 = self.unhandled
@@ -133,9 +174,7 @@ class Bench:
         stop.set()
         await asyncio.gather(*good)
         try:
-            async with asyncio.timeout(15):
-                while self.synth.active_requests or self.synth.queued_requests or self.server.open_streams:
-                    await asyncio.sleep(0.05)
+            await idle(self.server, self.synth)
         except TimeoutError:
             self.fail(f"not idle: {self.synth.active_requests} active, {self.server.open_streams} streams")
         await asyncio.sleep(0.2)
@@ -163,6 +202,15 @@ class Bench:
         return result
 
 
+async def guarded(findings: Findings, name: str, work):
+    """`await work`, or None with a failure recorded if it raised (the run goes on)."""
+    try:
+        return await work
+    except Exception as e:  # noqa: BLE001 - an abuse step that breaks is a finding, not the end of the run
+        findings.fail(f"{name}: {type(e).__name__}: {e}")
+        return None
+
+
 async def http_status(port: int, path: str, headers: list[tuple[str, str]] = ()) -> int | None:
     """Status of a raw GET (None if the server closed without answering)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -175,13 +223,11 @@ async def http_status(port: int, path: str, headers: list[tuple[str, str]] = ())
     return int(line.split()[1]) if line.startswith(b"HTTP/1.1") else None
 
 
-async def guarded(bench: Bench, name: str, work):
-    """`await work`, or None with a failure recorded if it raised (the bench goes on)."""
+async def healthy(port: int) -> bool:
     try:
-        return await work
-    except Exception as e:  # noqa: BLE001 - an abuse step that breaks is a finding, not the end of the run
-        bench.fail(f"{name}: {type(e).__name__}: {e}")
-        return None
+        return await http_status(port, "/healthz") == 200
+    except OSError:
+        return False
 
 
 # -- raw peers that never read, and what the server logs at ERROR -----------------------------------
@@ -198,7 +244,10 @@ PING = client_frame(0x9, b"p" * 125)  # the largest ping a control frame allows;
 
 
 def deaf_peer(port: int) -> socket.socket:
-    """A raw client that sends the upgrade (with the key) and never reads a byte (a 4 KiB receive window)."""
+    """A raw client that sends the upgrade (with the key) and never reads a byte (a 4 KiB receive window).
+
+    The answer, Ready and everything after it stay unread: what the server cannot send piles up on its side.
+    """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
@@ -207,8 +256,22 @@ def deaf_peer(port: int) -> socket.socket:
     return sock
 
 
+def small_send_buffer_listener() -> socket.socket:
+    """A listener whose accepted sockets have a small kernel send buffer (Linux autotunes loopback's to MiBs).
+
+    What a peer does not read then piles up in the server's own write buffer, where a scenario can see it.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    return listener
+
+
 async def flood_pings(sock: socket.socket, limit_bytes: int, after_chunk=lambda: None) -> int:
-    """Send pings until `limit_bytes`, the server drops the peer, or a send stalls 30 s; the bytes sent."""
+    """Send pings on `sock` until `limit_bytes` or until the server drops it; the bytes sent.
+
+    `after_chunk()` runs after each 64 KiB chunk (a probe of the server's state). A send that
+    stalls for 30 s ends the flood too: the server stopped reading, which also bounds it.
+    """
     loop, chunk, sent = asyncio.get_running_loop(), PING * 500, 0
     while sent < limit_bytes:
         try:
@@ -228,7 +291,7 @@ def error_logs():
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            lines.append(f"{record.name}: {record.getMessage()}")
+            lines.append(f"{record.name}: {record.getMessage()} {record.exc_text or ''}")
 
     handler = Collect(logging.ERROR)
     sink = logger.add(lambda m: lines.append(str(m)), level="ERROR")
@@ -238,3 +301,39 @@ def error_logs():
     finally:
         logging.getLogger().removeHandler(handler)
         logger.remove(sink)
+
+
+# -- a real `pipecat-orpheus serve` in a subprocess --------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def serve_process(overrides: dict, port: int, **env: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`pipecat-orpheus serve` on `overrides` (config keys, passed as ORPHEUS_* variables) and KEY, healthy.
+
+    `env` adds or replaces variables. The process is killed on the way out if it is still running.
+    """
+    settings = {f"ORPHEUS_{k.replace('.', '_').upper()}": str(v) for k, v in overrides.items()}
+    cmd = [sys.executable, "-m", "pipecat_orpheus.cli", "serve", "--port", str(port)]
+    with tempfile.TemporaryFile() as log:  # its stderr, shown if it does not come up
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env={**os.environ, **settings, "ORPHEUS_API_KEYS": KEY, **env}, stderr=log
+        )
+        try:
+            async with asyncio.timeout(180):
+                while not await healthy(port):
+                    if proc.returncode is not None:
+                        log.seek(0)
+                        tail = log.read().decode(errors="replace")[-1500:]
+                        raise RuntimeError(f"pipecat-orpheus serve exited with {proc.returncode}: {tail}")
+                    await asyncio.sleep(0.1)
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -1,0 +1,1 @@
+"""The reliability scenarios: one implementation each, run at length by `run.py` and short by tests/."""
