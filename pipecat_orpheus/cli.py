@@ -45,6 +45,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, default=None, help="port (default: server.port; 0 = any free port)")
     serve.add_argument("--api-key-env", default=None, help="environment variable holding comma-separated API keys")
+    serve.add_argument("--workers", type=int, default=None, help="server processes around one engine core")
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Orpheus-format model (noise, not speech)")
     tiny.add_argument("dir", type=Path, help="directory to write llm/ and snac/ into")
@@ -129,6 +130,7 @@ def _serve(args: argparse.Namespace) -> None:
         "server.host": args.host,
         "server.port": args.port,
         "server.api_key_env": args.api_key_env,
+        "server.workers": args.workers,
     }
     config = load_config(args.config, overrides=overrides)
     from pipecat_orpheus.wire import server

@@ -115,6 +115,7 @@ class ServerConfig:
     ping_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
     shutdown_grace_s: float = field(default=10.0, metadata=_range(0.0, 3600))
     close_timeout_s: float = field(default=10.0, metadata=_range(0.1, 3600))
+    workers: int = field(default=1, metadata=_range(1, 64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,10 @@ class Config:
                 "engine.prefill_tokens_while_decoding",
                 f"must be <= engine.prefill_chunk_tokens ({self.engine.prefill_chunk_tokens})",
             )
+        if self.server.workers > 1 and self.server.port == 0:
+            raise ConfigError("server.workers", "several workers share one port: set server.port (not 0)")
+        if self.server.workers > 1 and not self.engine.core_process:
+            raise ConfigError("server.workers", "workers share one engine core: set engine.core_process to true")
         if self.sampling.max_tokens > self.engine.max_tokens_per_slot:
             raise ConfigError(
                 "sampling.max_tokens", f"must be <= engine.max_tokens_per_slot ({self.engine.max_tokens_per_slot})"

@@ -40,7 +40,7 @@ from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.errors import EngineBusy, EngineClosed, EngineFailed, ModelLoadError, RequestCancelled
 
 POLL_S = 0.1  # the receiver's wait between looks at whether the core is still there
-SILENT_S = 8 * messages.BEAT_S  # a core that has not beaten for this long is taken for dead
+SILENT_S = 60 * messages.BEAT_S  # a core whose process lives but that has not beaten for this long is hung
 STOP_WAIT_S = 10.0  # a stopping core gets this long to exit before it is killed
 
 _owned: weakref.WeakSet[CoreProcess] = weakref.WeakSet()
@@ -210,6 +210,8 @@ class EngineClient:
                 failures = 0
             elif self.owner is not None and not self.owner.alive:
                 failures = self._restart(failures + 1)
+            elif self.healthy and not _exists(self._core_pid):  # another process owns it and restarts it
+                self._lost(f"the engine core (pid {self._core_pid}) is gone")
             elif self.healthy and time.monotonic() - self._last_beat > SILENT_S:
                 self._lost(f"the engine core has been silent for {SILENT_S:.0f} s")
 
@@ -292,6 +294,17 @@ class EngineClient:
 
     def __repr__(self) -> str:
         return f"EngineClient(core pid {self._core_pid}, {'up' if self.healthy else 'down'})"
+
+
+def _exists(pid: int) -> bool:
+    """Whether process `pid` is still there (a zombie not yet reaped by its owner counts as gone soon after)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _hand_over(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:

@@ -29,7 +29,7 @@ from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import EngineClosed, RequestCancelled
 
 from .model import OrpheusLM
-from .request import Request, SamplingParams
+from .request import Request, RequestStatus, SamplingParams
 from .runner import ModelRunner
 from .scheduler import ScheduledStep, Scheduler
 from .stream import AudioStream
@@ -173,8 +173,16 @@ class OrpheusEngine:
             self._cond.notify()
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request; its slot is freed at the next step and its stream ends (RequestCancelled)."""
+        """Stop a request; its stream ends (RequestCancelled) and its slot is freed at the next step.
+
+        A request still waiting for a slot is in no step: it leaves the queue now, so its place
+        is free for the next caller at once.
+        """
         with self._cond:
+            request = self._requests.get(request_id)
+            if request is not None and request.status is RequestStatus.WAITING:
+                self._drop(request_id, notify=True)
+                return
             self._cancels.append((request_id, True))
             self._cond.notify()
 

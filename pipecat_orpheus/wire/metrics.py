@@ -6,10 +6,14 @@ seconds, chunk gaps around the 80 ms message period.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 REGISTRY = CollectorRegistry()
+# `serve --workers N` sets it for its workers: each writes its own values there, any of them renders all.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 # Seconds; from submitting a piece of text to its first audio chunk.
 _TTFA_BUCKETS = (0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
@@ -18,16 +22,30 @@ _GAP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.085, 0.1, 0.15, 0.25, 0.5, 1.0,
 # Seconds of audio in one piece of text.
 _AUDIO_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
-CONNECTIONS = Gauge("orpheus_open_connections", "Open WebSocket streams.", registry=REGISTRY)
+CONNECTIONS = Gauge(
+    "orpheus_open_connections", "Open WebSocket streams.", multiprocess_mode="livesum", registry=REGISTRY
+)
 CONNECTIONS_TOTAL = Counter(
     "orpheus_connections_total",
     "WebSocket connections by outcome (accepted, busy, unauthorized, shutting_down).",
     ["outcome"],
     registry=REGISTRY,
 )
-STREAMS = Gauge("orpheus_streams", "Pieces of text being synthesized for clients now.", registry=REGISTRY)
-ENGINE_ACTIVE = Gauge("orpheus_engine_active_requests", "Requests holding an engine slot.", registry=REGISTRY)
-ENGINE_QUEUED = Gauge("orpheus_engine_queued_requests", "Requests waiting for an engine slot.", registry=REGISTRY)
+STREAMS = Gauge(
+    "orpheus_streams",
+    "Pieces of text being synthesized for clients now.",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+# The one engine every worker sees: the value set last (at render) is the value.
+ENGINE_ACTIVE = Gauge(
+    "orpheus_engine_active_requests", "Requests holding an engine slot.", multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)  # fmt: skip
+ENGINE_QUEUED = Gauge(
+    "orpheus_engine_queued_requests", "Requests waiting for an engine slot.", multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)  # fmt: skip
 PIECES_TOTAL = Counter(
     "orpheus_pieces_total", "Pieces of text by outcome (done, cancelled, error, busy).", ["outcome"], registry=REGISTRY
 )
@@ -49,6 +67,12 @@ AUDIO_SECONDS_TOTAL = Counter(
 ERRORS_TOTAL = Counter("orpheus_errors_total", "Error messages sent, by code.", ["code"], registry=REGISTRY)
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text of every metric and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE
+def render(active_requests: int, queued_requests: int) -> tuple[bytes, str]:
+    """The exposition text of every metric (of every worker) and its content type, with the engine's load now."""
+    ENGINE_ACTIVE.set(active_requests)
+    ENGINE_QUEUED.set(queued_requests)
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY), CONTENT_TYPE
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE

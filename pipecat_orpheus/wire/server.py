@@ -19,7 +19,7 @@ import itertools
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs
 
@@ -56,6 +56,7 @@ class OrpheusServer:
         host: str | None = None,
         port: int | None = None,
         sock: socket.socket | None = None,
+        reuse_port: bool = False,
         # Auth
         api_keys: Sequence[str] | None = None,
     ):
@@ -68,6 +69,7 @@ class OrpheusServer:
             port: overrides `server.port` (0: any free port; read it back from `port`).
             sock: an already bound, listening socket to serve on instead of host and port
                 (socket activation; accepted sockets inherit its options, e.g. SO_SNDBUF).
+            reuse_port: bind with SO_REUSEPORT, beside other processes on the same port (`server.workers`).
             api_keys: accepted keys; None reads the comma-separated env var `server.api_key_env`.
         """
         self.config = config
@@ -75,6 +77,7 @@ class OrpheusServer:
         self.host = config.server.host if host is None else host
         self._port = config.server.port if port is None else port
         self._sock = sock
+        self._reuse_port = reuse_port
         if api_keys is None:
             api_keys = os.environ.get(config.server.api_key_env, "").split(",")
         # Keys are kept only as digests: compared in constant time, never logged.
@@ -90,7 +93,11 @@ class OrpheusServer:
     async def start(self) -> None:
         """Bind and start accepting; a port in use is a `ConfigError` naming `server.port`."""
         try:
-            where = {"sock": self._sock} if self._sock is not None else {"host": self.host, "port": self._port}
+            where = (
+                {"sock": self._sock}
+                if self._sock is not None
+                else {"host": self.host, "port": self._port, "reuse_port": self._reuse_port}
+            )
             self._ws = await ws_serve(
                 self._handle,
                 **where,
@@ -114,8 +121,6 @@ class OrpheusServer:
                 raise ConfigError("server.port", f"{self.host}:{self._port} is already in use") from e
             raise ConfigError("server.host", f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
         self.host, self._port = self._ws.sockets[0].getsockname()[:2]
-        metrics.ENGINE_ACTIVE.set_function(lambda: self.synthesizer.active_requests if self.synthesizer else 0)
-        metrics.ENGINE_QUEUED.set_function(lambda: self.synthesizer.queued_requests if self.synthesizer else 0)
         if not self._key_digests:
             logger.warning(
                 f"{self}: NO API KEYS CONFIGURED ({self.config.server.api_key_env} is empty): "
@@ -173,7 +178,8 @@ class OrpheusServer:
                 return _plain(503, "loading\n")
             return _plain(200, "ok\n") if self.synthesizer.healthy else _plain(503, "engine down\n")
         if path == "/metrics":
-            body, content_type = metrics.render()
+            synth = self.synthesizer
+            body, content_type = metrics.render(*((synth.active_requests, synth.queued_requests) if synth else (0, 0)))
             return _plain(200, body.decode(), content_type)
         if path not in STREAM_PATHS:
             return _plain(404, f"not found; the stream is at {STREAM_PATHS[0]}\n")
@@ -304,21 +310,35 @@ async def serve(
 
 
 def run(config: Config) -> None:
-    """Bind, load the speech source (off the event loop), serve until SIGTERM/SIGINT, then drain."""
-    asyncio.run(_run(config))
+    """Bind, load the speech source (off the event loop), serve until SIGTERM/SIGINT, then drain.
+
+    With `server.workers` > 1: that many server processes around one engine core (`workers.py`).
+    """
+    if config.server.workers > 1:
+        from pipecat_orpheus.wire import workers
+
+        workers.run(config)
+    else:
+        asyncio.run(run_server(config, load_synthesizer))
 
 
-async def _run(config: Config) -> None:
+async def run_server(config: Config, open_speech: Callable[[Config], Synthesizer], *, reuse_port: bool = False) -> None:
+    """One server process: bind, `open_speech(config)` off the event loop, serve until a signal, drain."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = OrpheusServer(config)
-    await server.start()  # bind first: a port in use fails before a long model load
+    server = OrpheusServer(config, reuse_port=reuse_port)
+    # Bind first, so a port in use fails before a long model load; but a worker beside others on the
+    # port (reuse_port) listens only once it can speak, or the kernel would hand it connections to refuse.
+    if not reuse_port:
+        await server.start()
     synthesizer = None
     try:
-        synthesizer = await asyncio.to_thread(load_synthesizer, config)
+        synthesizer = await asyncio.to_thread(open_speech, config)
         server.synthesizer = synthesizer
+        if reuse_port:
+            await server.start()
         logger.info(f"{server}: ready")
         await stop.wait()
         logger.info(f"{server}: signal received, shutting down")

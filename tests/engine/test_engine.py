@@ -84,6 +84,9 @@ async def test_full_engine_raises_busy_and_cancel_frees_slot(tiny_models, tiny_m
         with pytest.raises(EngineBusy):
             speech.submit("three", sampling=GREEDY)
         assert (engine.active_requests, engine.queued_requests) == (1, 1)
+        waiting.cancel()  # a waiting request leaves the queue at once: its place is free now, not a step later
+        assert engine.queued_requests == 0
+        waiting = speech.submit("three", sampling=GREEDY)
         live.cancel()
         audio = await asyncio.wait_for(waiting.read_all(), timeout=60)
         assert len(audio) > 0 and engine.active_requests == 0 and engine.queued_requests == 0

@@ -1,0 +1,116 @@
+"""`pipecat-orpheus serve` with `server.workers` > 1: several server processes on one port, one engine core.
+
+One server process spends its time in Python on sockets, framing and the protocol; past about
+200 streams that, not the GPU, is the limit (bench/README.md, server under load). So the parent
+starts the engine core (and restarts it when it dies, as any owner does), then
+`server.workers` worker processes. Each runs the whole server (`server.run_server`) with an
+`EngineClient` attached to that core, on its own listening socket bound with SO_REUSEPORT: the
+kernel spreads new connections over them. Each admits `limits.max_connections / workers`
+connections; `/metrics` from any worker counts every worker (Prometheus multiprocess mode);
+`/healthz` says whether its core beats. SIGTERM to the parent drains every worker, then stops
+the core; a worker that dies is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from loguru import logger
+
+from pipecat_orpheus.config import Config
+from pipecat_orpheus.core import messages
+from pipecat_orpheus.core.client import EngineClient
+from pipecat_orpheus.errors import ConfigError
+
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def run(config: Config) -> None:
+    """Start the core and the workers, serve until SIGTERM/SIGINT, then drain the workers and stop the core."""
+    _check_port(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    core = EngineClient.start(config)  # it owns the core process: restarts it when it dies, stops it at the end
+    metrics_dir = Path(tempfile.mkdtemp(prefix="orpheus-metrics-"))
+    workers: list[subprocess.Popen] = []
+    try:
+        workers = [_spawn(core.addresses, i, metrics_dir) for i in range(config.server.workers)]
+        logger.info(f"serving on {config.server.host}:{config.server.port} with {len(workers)} workers")
+        while not stop.wait(1.0):
+            for i, worker in enumerate(workers):
+                if worker.poll() is not None:
+                    logger.error(f"worker {i} exited with code {worker.returncode}; starting it again")
+                    workers[i] = _spawn(core.addresses, i, metrics_dir)
+        logger.info("signal received, shutting down the workers")
+    finally:
+        for worker in workers:
+            worker.terminate()  # each drains: server.shutdown_grace_s, then server.close_timeout_s
+        wait_s = config.server.shutdown_grace_s + config.server.close_timeout_s + 5
+        for worker in workers:
+            try:
+                worker.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        core.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _check_port(config: Config) -> None:
+    """A port in use fails here with a clear message (SO_REUSEPORT would share it with another server)."""
+    where = f"{config.server.host}:{config.server.port}"
+    with socket.socket() as probe:
+        try:
+            probe.bind((config.server.host, config.server.port))
+        except OSError as e:
+            raise ConfigError("server.port", f"{where} is already in use: {e.strerror}") from e
+
+
+def _spawn(addresses: messages.Addresses, index: int, metrics_dir: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipecat_orpheus.wire.workers", "--dir", str(addresses.directory)]
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "ORPHEUS_WORKER": str(index)}
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
+
+
+def worker_config(config: Config) -> Config:
+    """A worker's share of the limits: `limits.max_connections / server.workers`, rounded up."""
+    share = math.ceil(config.limits.max_connections / config.server.workers)
+    return dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_connections=share))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A worker: the server around an `EngineClient` attached to the parent's core."""
+    import asyncio
+
+    from pipecat_orpheus.speech import speech_for
+    from pipecat_orpheus.wire.server import run_server
+
+    parser = argparse.ArgumentParser(prog="python -m pipecat_orpheus.wire.workers")
+    parser.add_argument("--dir", required=True, type=Path, help="the engine core's directory")
+    args = parser.parse_args(argv)
+    if sys.platform == "linux":  # the parent killed outright: end too, so no worker holds the port
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    addresses = messages.Addresses(args.dir)
+    config = worker_config(messages.config_from_json((args.dir / "config.json").read_text()))
+
+    def open_speech(config: Config):
+        return speech_for(EngineClient.attach(config, addresses), config)
+
+    asyncio.run(run_server(config, open_speech, reuse_port=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
