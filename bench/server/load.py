@@ -116,7 +116,7 @@ def make_texts(tokenizer, voice: str, prompt_tokens: int, count: int) -> tuple[l
 
 
 def engine_counters(synth) -> dict | None:
-    """The in-process engine's counters (None for a source without them, e.g. a core process)."""
+    """The engine's counters, in this process or as the engine core last reported them (None: the reference path)."""
     stats = getattr(getattr(synth, "backend", None), "stats", None)
     if stats is None:
         return None
