@@ -1,4 +1,4 @@
-"""Text handling around the model: split long text into pieces, find sentence ends, estimate word timings.
+"""Text handling around the model: split long text into pieces, find sentence ends, time words as audio comes.
 
 Orpheus loses the plot past ~280 characters (Baseten's Orpheus server chunks at 280 for this), so long text is split at
 sentence boundaries and the pieces are spoken in order as one utterance. Emotion tags such as
@@ -7,6 +7,7 @@ sentence boundaries and the pieces are spoken in order as one utterance. Emotion
 
 from __future__ import annotations
 
+import itertools
 import re
 
 _MAX_TAG_CHARS = 18  # <, at most 16 letters, >: a longer "<...>" is text, so it can't outgrow a piece
@@ -24,6 +25,9 @@ _WORD = re.compile(r"[\w.]+$")
 # Abbreviations whose period does not end a sentence when text is streamed.
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no"})
 _LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
+# Expected speaking pace before the audio's length is known: 12.5 letters/s, about 150 words a minute
+# (English words average ~5 letters). A prior, not a measurement of Orpheus's voices.
+SECONDS_PER_LETTER = 0.08
 
 
 def _cut(window: str, limit: int) -> int:
@@ -148,20 +152,44 @@ def words(text: str) -> list[str]:
     return _TAG.sub(" ", text).split()
 
 
-def word_timings(text: str, start_s: float, duration_s: float) -> list[tuple[str, float, float]]:
-    """Estimate (word, start_s, stop_s) for the words of `text` spoken over `duration_s` seconds.
+class WordClock:
+    """Word times of one text while its audio is being produced, each word released once, never retracted.
 
-    Each word's share of the time is proportional to its letters and digits (at least one), so
-    the estimate is monotonic and ends exactly at `start_s + duration_s`. Emotion tags are excluded.
+    `advance(audio_s)` releases the words whose estimated start (their letters at
+    `seconds_per_letter`) falls before `audio_s`, the audio produced so far counting the chunk
+    about to go out, so each word goes out no later than the audio that holds its start.
+    `finish(duration_s)` releases the rest once the real length is known, spread over the audio
+    after the last word released. Times are non-decreasing, and no stop passes the audio produced.
     """
-    ws = words(text)
-    if not ws:
-        return []
-    weights = [max(1, sum(ch.isalnum() for ch in w)) for w in ws]
-    total = sum(weights)
-    out, acc = [], 0
-    for w, weight in zip(ws, weights, strict=True):
-        begin = start_s + duration_s * acc / total
-        acc += weight
-        out.append((w, begin, start_s + duration_s * acc / total))
-    return out
+
+    def __init__(self, text: str, seconds_per_letter: float = SECONDS_PER_LETTER):
+        self._words = words(text)
+        letters = [max(1, sum(ch.isalnum() for ch in w)) for w in self._words]  # a word of marks counts one
+        self._before = [0, *itertools.accumulate(letters)]  # letters before word i; [-1]: the whole text
+        self._pace = seconds_per_letter
+        self._next = 0  # the first word not released yet
+        self._stop = 0.0  # stop of the last word released
+
+    def advance(self, audio_s: float) -> list[tuple[str, float, float]]:
+        """(word, start_s, stop_s) of the words whose estimated start is before `audio_s`, newly released."""
+        out = []
+        while self._next < len(self._words) and self._before[self._next] * self._pace < audio_s:
+            start = self._before[self._next] * self._pace
+            self._stop = min(self._before[self._next + 1] * self._pace, audio_s)  # the next word's start, at most
+            out.append((self._words[self._next], start, self._stop))
+            self._next += 1
+        return out
+
+    def finish(self, duration_s: float) -> list[tuple[str, float, float]]:
+        """The words not released yet, shared by letters over [last stop, `duration_s`] (the audio's real length)."""
+        first = self._next
+        letters = self._before[-1] - self._before[first]
+        rate = (max(duration_s, self._stop) - self._stop) / max(letters, 1)  # seconds per remaining letter
+        out = [
+            (self._words[i], self._stop + (self._before[i] - self._before[first]) * rate,
+             self._stop + (self._before[i + 1] - self._before[first]) * rate)
+            for i in range(first, len(self._words))
+        ]  # fmt: skip
+        self._next = len(self._words)
+        self._stop = out[-1][2] if out else self._stop
+        return out

@@ -38,6 +38,7 @@ from pipecat_orpheus.config import Config, load_config
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.speech import Synthesizer, load_synthesizer
 from pipecat_orpheus.testing import tiny_model_overrides
+from pipecat_orpheus.text import WordClock
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import OrpheusServer, serve
 
@@ -232,6 +233,52 @@ class EngineProbe(FrameProcessor):
             self.freed = await eventually(lambda: idle(self.synth), timeout_s=PROBE_S)
             self.streams_open = self.server.open_streams if self.server else None
         await self.push_frame(frame, direction)
+
+
+class BargeIn(FrameProcessor):
+    """Passes frames on until `after_s` of audio has gone by, then interrupts: a listener talking over the bot.
+
+    Frames before its InterruptionFrame downstream are exactly what the listener heard.
+    """
+
+    def __init__(self, after_s: float):
+        super().__init__()
+        self.after_s = after_s
+        self.heard_s = 0.0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and self.heard_s < self.after_s:
+            self.heard_s += len(frame.audio) / 2 / frame.sample_rate
+            if self.heard_s >= self.after_s:
+                await self.broadcast_interruption()
+
+
+@dataclass
+class Hold(DataFrame):
+    """Test marker: `HoldUntilInterrupted` keeps the frames after it (the EndFrame too) until an interruption."""
+
+
+class HoldUntilInterrupted(FrameProcessor):
+    """Upstream of the service: at `Hold`, waits (30 s at most) until an interruption cancels the wait.
+
+    So an interruption raised downstream (`BargeIn`) reaches the service before the EndFrame does:
+    Pipecat 1.14's TTSService loses an EndFrame queued behind a sentence when an interruption
+    lands before the EndFrame is processed (its process task dies awaiting the cancelled playback).
+    """
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, Hold):
+            await asyncio.sleep(30)
+        else:
+            await self.push_frame(frame, direction)
+
+
+def heard_words(text: str, heard_s: float) -> list[str]:
+    """The words of `text` whose estimated start lies in the first `heard_s` seconds of its audio."""
+    return [word for word, _, _ in WordClock(text).advance(heard_s)]
 
 
 # -- the example voice agent (test_voice_agent, test_modal_app) ----------------------------------

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipecat_orpheus.format import EMOTION_TAGS
-from pipecat_orpheus.text import SentenceBuffer, sentence_end, split_text, word_timings, words
+from pipecat_orpheus.text import SentenceBuffer, WordClock, sentence_end, split_text, words
 
 
 def test_short_text_is_one_piece():
@@ -78,30 +78,33 @@ def test_sentence_buffer_bounded():
     assert len(buf.pending) <= 20
 
 
-def test_word_timings_proportional_and_monotonic():
-    """Words share the duration by letters, monotonic, ending at start + duration; tags are not words."""
-    timings = word_timings("Hi <laugh> there", 1.0, 0.7)
-    assert [w for w, _, _ in timings] == ["Hi", "there"]
-    assert timings[0] == ("Hi", 1.0, 1.2)
-    assert abs(timings[1][1] - 1.2) < 1e-9 and abs(timings[1][2] - 1.7) < 1e-9
-    assert word_timings("<sigh>", 0.0, 1.0) == []
+def test_word_clock_releases_words_as_audio_reaches_them():
+    """A word goes out with the chunk that reaches its estimated start; the rest share the audio left at the end."""
+    clock = WordClock("One <laugh> two three", seconds_per_letter=0.1)  # starts 0, 0.3, 0.6; tags are not words
+    assert clock.advance(0.1) == [("One", 0.0, 0.1)]  # a stop never passes the audio produced
+    assert clock.advance(0.2) == []
+    assert clock.finish(0.5) == [("two", 0.1, 0.25), ("three", 0.25, 0.5)]  # shorter than expected: squeezed
+    assert clock.finish(0.6) == [] and WordClock("<sigh>").finish(1.0) == []
 
 
 @given(
     st.lists(st.sampled_from(["a", "bb", "ccc!", "<laugh>", "3.5"]), max_size=30),
-    st.floats(0, 100),
-    st.floats(0.01, 60),
+    st.lists(st.floats(0.001, 2.0), max_size=20),
+    st.floats(0, 10),
 )
-def test_word_timings_cover_duration(tokens, start, duration):
-    """Timings are contiguous, non-decreasing, start at start_s and end at start_s + duration_s."""
+def test_word_clock_is_monotonic_and_never_late(tokens, chunks, tail):
+    """Every word once, in order, times non-decreasing; each released with the first chunk reaching its start."""
     text = " ".join(tokens)
-    timings = word_timings(text, start, duration)
-    assert [w for w, _, _ in timings] == [t for t in tokens if t not in EMOTION_TAGS]
-    assert words(text) == [t for t in tokens if t not in EMOTION_TAGS]
-    if timings:
-        assert timings[0][1] == start and abs(timings[-1][2] - (start + duration)) < 1e-6
-        for (_, a0, a1), (_, b0, _) in zip(timings, timings[1:], strict=False):
-            assert a0 <= a1 == b0
+    clock, audio, out = WordClock(text, seconds_per_letter=0.05), 0.0, []
+    for chunk in chunks:
+        before, audio = audio, audio + chunk
+        released = clock.advance(audio)
+        assert all(before <= start < audio and stop <= audio for _, start, stop in released)
+        out += released
+    out += clock.finish(audio + tail)
+    assert [w for w, _, _ in out] == words(text) == [t for t in tokens if t not in EMOTION_TAGS]
+    times = [t for _, start, stop in out for t in (start, stop)]
+    assert times == sorted(times) and (not out or out[-1][2] <= max(audio + tail, 0.0) + 1e-9)
 
 
 # -- hostile input (issue 13): time linear in the text, pieces within the limit -------------------

@@ -135,7 +135,7 @@ class Bench(Findings):
     async def speak(self, utterances: int, text: str = GOOD_TEXT) -> list[int]:
         """A good client: `utterances` of `text`, one after another on one stream; the samples of each."""
         async with connect(self.url, additional_headers=AUTH, compression=None) as ws:
-            if (first := p.decode_server(await ws.recv())) != p.Ready():
+            if not isinstance(first := p.decode_server(await ws.recv()), p.Ready):
                 raise RuntimeError(f"first message {first}, not Ready")
             return [(await utterance(ws, i, text))[0] for i in range(utterances)]
 
@@ -145,7 +145,7 @@ class Bench(Findings):
         while not stop.is_set():
             try:
                 async with connect(self.url, additional_headers=AUTH, compression=None) as ws:
-                    assert p.decode_server(await ws.recv()) == p.Ready()
+                    assert isinstance(p.decode_server(await ws.recv()), p.Ready)
                     while not stop.is_set():
                         n += 1
                         samples, first = await utterance(ws, n)

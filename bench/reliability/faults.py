@@ -126,7 +126,7 @@ async def sigterm_drain(findings: Findings, overrides: dict, text: str = LONG_TE
                 pass
         rc = await asyncio.wait_for(proc.wait(), 60)
     out = {
-        "first_message_audio": isinstance(got[0], p.Audio),
+        "first_message_audio": isinstance(next(m for m in got if not isinstance(m, p.Word)), p.Audio),  # words lead
         "healthz_503_after_s": healthz_503,
         "new_stream_refused": refused,
         "done_before_close": isinstance(got[-1], p.Done),

@@ -53,7 +53,7 @@ async def connection_flood(bench: Bench, n: int, speakers: int = 8) -> dict:
         return ws, p.decode_server(await ws.recv())
 
     got = await asyncio.gather(*(one() for _ in range(n)))
-    ready = [g[0] for g in got if isinstance(g, tuple) and g[1] == p.Ready()]
+    ready = [g[0] for g in got if isinstance(g, tuple) and isinstance(g[1], p.Ready)]
     busy = [g[0] for g in got if isinstance(g, tuple) and isinstance(g[1], p.Error) and g[1].code == "busy"]
     if len(ready) + len(busy) != n:
         bench.fail(f"connection flood: {len(ready)} ready + {len(busy)} busy of {n}: {got[:3]}")

@@ -98,7 +98,7 @@ def check_batch(url: str, batch: list) -> dict:
     What came back: the Errors and the close code (None: still open, as it should be, at the end).
     """
     with connect(url, additional_headers=AUTH, compression=None, max_size=None) as ws:
-        assert p.decode_server(ws.recv(10)) == p.Ready()
+        assert isinstance(p.decode_server(ws.recv(10)), p.Ready)
         malformed, expect_close, may_end = 0, None, False
         for data, text, expect in batch:
             try:
@@ -132,7 +132,7 @@ def check_batch(url: str, batch: list) -> dict:
 def speak_once(url: str) -> int:
     """Samples of one whole utterance of GOOD_TEXT on a fresh stream."""
     with connect(url, additional_headers=AUTH) as ws:
-        assert p.decode_server(ws.recv(10)) == p.Ready()
+        assert isinstance(p.decode_server(ws.recv(10)), p.Ready)
         ws.send(msgpack.packb({"type": "Speak", "text": GOOD_TEXT, "id": "good"}))
         samples = 0
         while not isinstance(m := p.decode_server(ws.recv(30)), p.Done):

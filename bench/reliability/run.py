@@ -59,6 +59,9 @@ from pipecat_orpheus.wire.server import OrpheusServer
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
+PHASES = ("baseline", "fuzz", "auth", "floods", "text_attacks", "faults", "soak")
+
+
 async def text_attacks(overrides: dict, seconds: float) -> dict:
     """The text-attack section: on a server process of its own, so without the good clients (they would be noise)."""
     print(f"[{time.strftime('%H:%M:%S')}] text_attacks ...", flush=True)
@@ -111,28 +114,32 @@ async def main(args) -> dict:
         loop.default_exception_handler(context)
 
     asyncio.get_running_loop().set_exception_handler(on_unhandled)
+    runs = {
+        "baseline": lambda: bench.phase("baseline", lambda: asyncio.sleep(args.baseline_s)),  # no abuse
+        "fuzz": lambda: bench.phase("fuzz", lambda: run_fuzz(bench, cfg.limits, args.fuzz_frames, args.seed)),
+        "auth": lambda: bench.phase("auth", lambda: run_auth(bench, args.auth_attempts)),
+        "floods": lambda: bench.phase("floods", lambda: run_floods(bench, cfg, overrides, args.scale)),
+        "text_attacks": lambda: text_attacks(overrides, args.text_attack_s),
+        "faults": lambda: bench.phase("faults", lambda: run_faults(bench, cfg, overrides, args.scale)),
+        "soak": lambda: bench.phase("soak", lambda: run_soak(bench, args.soak_s, args.slots, args.seed)),
+    }
     phases = {}
     try:
-        phases["baseline"] = await bench.phase("baseline", lambda: asyncio.sleep(args.baseline_s))  # no abuse
-        phases["fuzz"] = await bench.phase("fuzz", lambda: run_fuzz(bench, cfg.limits, args.fuzz_frames, args.seed))
-        phases["auth"] = await bench.phase("auth", lambda: run_auth(bench, args.auth_attempts))
-        phases["floods"] = await bench.phase("floods", lambda: run_floods(bench, cfg, overrides, args.scale))
-        phases["text_attacks"] = await text_attacks(overrides, args.text_attack_s)
-        phases["faults"] = await bench.phase("faults", lambda: run_faults(bench, cfg, overrides, args.scale))
-        soak = await bench.phase("soak", lambda: run_soak(bench, args.soak_s, args.slots, args.seed))
-        phases["soak"] = soak
+        for name in PHASES:
+            if name in args.phases:
+                phases[name] = await runs[name]()
     finally:
         await server.shutdown(grace_s=1)
         synth.close()
-    phases["auth"]["key_in_log_lines_all_phases"] = leaks["lines"]
-    if leaks["lines"]:
-        phases["auth"]["failures"] += 1
+    if "auth" in phases:
+        phases["auth"]["key_in_log_lines_all_phases"] = leaks["lines"]
+        phases["auth"]["failures"] += bool(leaks["lines"])
     return {
-        "frames_fuzzed": phases["fuzz"].get("frames_fuzzed"),
-        "auth_attempts": phases["auth"].get("auth_attempts"),
+        "frames_fuzzed": phases.get("fuzz", {}).get("frames_fuzzed"),
+        "auth_attempts": phases.get("auth", {}).get("auth_attempts"),
         "failures": sum(ph["failures"] for ph in phases.values()),
         "data_lost": sum(ph["data_lost"] for ph in phases.values()),
-        "rss_growth_pct": soak.get("soak_rss_growth_pct"),
+        "rss_growth_pct": phases.get("soak", {}).get("soak_rss_growth_pct"),
         "soak_s": args.soak_s,
         "categories": phases,
         "setup": {
@@ -165,6 +172,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--baseline-s", type=float, default=20, help="good clients alone, for reference TTFA")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="run only these, in order")
     parser.add_argument("--out", default="bench/results/reliability.json")
     parser.add_argument("--default-malloc", action="store_true", help=f"run without {', '.join(MALLOC_ENV)}")
     args = parser.parse_args()

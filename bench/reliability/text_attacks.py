@@ -81,7 +81,7 @@ async def bystander(url: str, seconds: float, text: str) -> dict:
     deadline = time.perf_counter() + seconds
     try:
         async with connect(url, additional_headers=AUTH, compression=None) as ws:
-            assert p.decode_server(await ws.recv()) == p.Ready()
+            assert isinstance(p.decode_server(await ws.recv()), p.Ready)
             n = 0
             while time.perf_counter() < deadline:
                 n += 1

@@ -59,7 +59,7 @@ class AgentOptions:
     orpheus_url: str | None  # remote: ws://host:8000/api/tts_streaming or the Modal wss:// URL
     orpheus_api_key: str | None  # remote: the server's API key, if it has one
     orpheus_config: str | None  # local: an orpheus_config.yaml (default: the repository's)
-    voice: str
+    voice: str | None  # None: the configured default (local) or the server's (remote)
     llm_model: str
     llm_base_url: str | None  # None: OpenAI; else any OpenAI-compatible server (Ollama, vLLM, ...)
     llm_api_key: str | None
@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] = 
     group.add_argument("--orpheus-url", default=env("ORPHEUS_URL"), help="ws(s)://.../api/tts_streaming")
     group.add_argument("--orpheus-api-key", default=env("ORPHEUS_API_KEY"), help="the Orpheus server's API key")
     group.add_argument("--orpheus-config", default=env("ORPHEUS_CONFIG"), help="orpheus_config.yaml (local mode)")
-    voices = VoiceConfig()  # Orpheus's own voices; the service checks the voice against the loaded config too
-    group.add_argument("--voice", default=env("ORPHEUS_VOICE", voices.default), choices=voices.available)
+    voices = ", ".join(VoiceConfig().available)  # a server may offer others: the service checks against its own
+    group.add_argument("--voice", default=env("ORPHEUS_VOICE"), help=f"e.g. {voices} (default: tara, or the server's)")
     group.add_argument("--llm-model", default=env("LLM_MODEL", "gpt-4.1-mini"))
     group.add_argument("--llm-base-url", default=env("LLM_BASE_URL"), help="e.g. http://localhost:11434/v1")
     group.add_argument("--llm-api-key", default=env("LLM_API_KEY") or env("OPENAI_API_KEY"))
@@ -149,7 +149,7 @@ def create_llm(options: AgentOptions) -> OpenAILLMService:
 
 def create_tts(options: AgentOptions) -> OrpheusTTSService:
     """Orpheus, in this process (local) or from a server (remote); nothing loads until the pipeline starts."""
-    settings = OrpheusTTSService.Settings(voice=options.voice)
+    settings = OrpheusTTSService.Settings(voice=options.voice) if options.voice else None
     if options.tts == "remote":
         return OrpheusTTSService(url=options.orpheus_url, api_key=options.orpheus_api_key, settings=settings)
     return OrpheusTTSService(config=load_config(options.orpheus_config), settings=settings)

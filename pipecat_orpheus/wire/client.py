@@ -3,7 +3,9 @@
 Used by the remote mode of the Pipecat service, and usable on its own. One connection carries
 many utterances: `speak()` returns an `Utterance` whose audio arrives as float32 chunks as the
 server decodes them; `cancel()` is barge-in; `marker()` waits until the audio before it has
-been sent. If the connection drops between utterances, the next call reconnects with backoff.
+been sent. If the connection drops between utterances, the next call reconnects with backoff
+(`connect`; `open` is a single attempt). `ready` is the server's `Ready`: the voices and sampling
+an Orpheus server offers.
 Refusals are typed: `AuthError` (401), `EngineBusy` (server at capacity, or one utterance
 refused), `ConnectionError` naming the URL when the server cannot be reached.
 """
@@ -108,7 +110,8 @@ class OrpheusClient:
             open_timeout_s: limit for the handshake plus `Ready` (raise it for cold starts).
             reply_timeout_s: limit for a `Marker` echo or a `Cancelled` answer.
             max_retries: extra connection attempts after a failure (not after a 401).
-            backoff_s: first delay between attempts; doubles each time.
+            backoff_s: first delay between attempts; doubles each time (`RemoteSynthesizer`'s
+                reconnecting too).
             max_backoff_s: the longest delay between attempts.
         """
         if format not in p.FORMATS:
@@ -118,8 +121,9 @@ class OrpheusClient:
         self._open_timeout_s = open_timeout_s
         self._reply_timeout_s = reply_timeout_s
         self._max_retries = max_retries
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.ready: p.Ready | None = None  # the Ready of the connection open now (or the last one)
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task | None = None
         self._utterances: dict[p.MessageId | None, Utterance] = {}
@@ -137,21 +141,22 @@ class OrpheusClient:
 
     async def connect(self) -> None:
         """Open the connection (retrying with backoff); no-op when already open."""
-        if self.connected:
-            return
-        delay = self._backoff_s
+        delay = self.backoff_s
         for attempt in range(self._max_retries + 1):
             try:
-                await self._open()
+                await self.open()
                 return
             except (ConnectionError, EngineBusy) as e:
                 if attempt == self._max_retries:
                     raise
                 logger.warning(f"{self}: {e}; retrying in {delay:.2f} s")
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_backoff_s)
+                delay = min(delay * 2, self.max_backoff_s)
 
-    async def _open(self) -> None:
+    async def open(self) -> None:
+        """One attempt to open the connection (`AuthError`, `EngineBusy`, `ConnectionError`); no-op when open."""
+        if self.connected:
+            return
         headers = {"kyutai-api-key": self._api_key} if self._api_key else None
         try:
             async with asyncio.timeout(self._open_timeout_s):
@@ -177,9 +182,14 @@ class OrpheusClient:
         if not isinstance(first, p.Ready):
             await ws.close()
             raise ProtocolError(f"{self.url}: expected Ready first, got {first.type}")
-        self._ws = ws
+        self._ws, self.ready = ws, first
         self._received_samples = 0
         self._reader = asyncio.create_task(self._read(ws), name="orpheus-client-read")
+
+    async def wait_closed(self) -> None:
+        """Return once the connection open now has closed (at once when none is open)."""
+        if self._reader is not None:
+            await asyncio.shield(self._reader)
 
     async def close(self) -> None:
         """Close the connection; unfinished utterances end with `ConnectionError`."""
@@ -199,14 +209,24 @@ class OrpheusClient:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    async def speak(self, text: str, *, voice: str | None = None, id: p.MessageId | None = None) -> Utterance:
-        """Queue one utterance; iterate the returned `Utterance` for its audio."""
+    async def speak(
+        self,
+        text: str,
+        *,
+        voice: str | None = None,
+        id: p.MessageId | None = None,
+        sampling: dict[str, float | int] | None = None,
+    ) -> Utterance:
+        """Queue one utterance; iterate the returned `Utterance` for its audio.
+
+        `sampling` overrides the server's for this utterance (keys: `protocol.SAMPLING_FIELDS`).
+        """
         id = f"u{next(self._ids)}" if id is None else id
         utterance = Utterance(id)
         await self.connect()
         self._utterances[id] = utterance
         try:
-            await self._send(p.Speak(text, voice=voice, id=id))
+            await self._send(p.Speak(text, voice=voice, id=id, sampling=sampling))
         except ConnectionError:
             self._utterances.pop(id, None)
             raise

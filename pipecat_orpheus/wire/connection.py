@@ -17,7 +17,6 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
 from pipecat_orpheus.speech import AudioStream, Synthesizer
@@ -40,7 +39,6 @@ class Connection:
         session: Session,
         synthesizer: Synthesizer,
         *,
-        sampling: SamplingParams,
         pcm16: bool,
     ):
         """Wire up stream number `n`.
@@ -50,11 +48,10 @@ class Connection:
             ws: the accepted WebSocket.
             session: the stream's protocol state.
             synthesizer: the shared speech source.
-            sampling: sampling for every piece of this stream.
             pcm16: send `Audio.pcm` as int16 bytes (`Pcm16MessagePack`) instead of float32.
         """
         self.n, self.ws, self.session, self.synthesizer = n, ws, session, synthesizer
-        self.sampling, self.pcm16 = sampling, pcm16
+        self.pcm16 = pcm16
         self.idle = asyncio.Event()  # set while the session has no work: shutdown may close it
         self._wake = asyncio.Event()  # the outbox has something for the send task
         self._drained = asyncio.Event()  # the outbox's replies are below the mark where recv pauses
@@ -155,7 +152,7 @@ class Connection:
                 if isinstance(action, Start):
                     piece = action.piece
                     try:
-                        audio = self.synthesizer.submit(piece.text, voice=piece.voice, sampling=self.sampling)
+                        audio = self.synthesizer.submit(piece.text, voice=piece.voice, sampling=piece.sampling)
                     except Exception as e:  # EngineBusy, or a failure of this request only
                         metrics.PIECES_TOTAL.labels("busy" if isinstance(e, EngineBusy) else "error").inc()
                         self.session.finished(piece.key, e)

@@ -23,6 +23,7 @@ from pipecat_orpheus.pcm import float_to_pcm16_bytes, pcm16_bytes_to_float
 
 MessageId = str | int
 FORMATS = ("PcmMessagePack", "Pcm16MessagePack")  # PROTOCOL.md: float32 list (Kyutai) | int16 LE bytes
+SAMPLING_FIELDS = {"temperature": float, "top_p": float, "repetition_penalty": float, "max_tokens": int}
 EOS_FRAME = b"\0"  # moshi-server's end-of-stream shortcut
 
 _MISSING = object()
@@ -49,6 +50,29 @@ def _id(where: str, value: Any) -> MessageId:
 
 def _opt_id(where: str, value: Any) -> MessageId | None:
     return None if value is None else _id(where, value)
+
+
+def _opt_strs(where: str, value: Any) -> list[str] | None:
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise ProtocolError(f"{where} must be a list of strings")
+    return value
+
+
+def _opt_sampling(where: str, value: Any) -> dict[str, float | int] | None:
+    """A map of `SAMPLING_FIELDS` to numbers (ranges are the server's to check), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a map, got {type(value).__name__}")
+    out = {}
+    for name, number in value.items():
+        kind = SAMPLING_FIELDS.get(name)
+        if kind is None:
+            raise ProtocolError(f"{where}.{name} is not a sampling setting; known: {', '.join(SAMPLING_FIELDS)}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or (kind is int and number != int(number)):
+            raise ProtocolError(f"{where}.{name} must be {'an integer' if kind is int else 'a number'}, got {number!r}")
+        out[name] = kind(number)
+    return out
 
 
 def _any(where: str, value: Any) -> Any:
@@ -91,12 +115,13 @@ class Voice:
 
 @dataclass(slots=True)
 class Speak:
-    """Extension: one complete utterance, spoken after anything already queued."""
+    """Extension: one complete utterance, spoken after anything already queued; `sampling` overrides the server's."""
 
     type: ClassVar[Literal["Speak"]] = "Speak"
     text: str = _check(_str)
     voice: str | None = _check(_opt_str, None)
     id: MessageId | None = _check(_opt_id, None)
+    sampling: dict[str, float | int] | None = _check(_opt_sampling, None)
 
 
 @dataclass(slots=True)
@@ -127,9 +152,12 @@ class Cancel:
 
 @dataclass(slots=True)
 class Ready:
-    """First message: the server has accepted the stream."""
+    """First message: the server has accepted the stream; extension fields say what `Speak` may ask for."""
 
     type: ClassVar[Literal["Ready"]] = "Ready"
+    voices: list[str] | None = _check(_opt_strs, None)  # the voices a Speak may name
+    default_voice: str | None = _check(_opt_str, None)  # the voice of a Speak that names none
+    sampling: dict[str, float | int] | None = _check(_opt_sampling, None)  # defaults; max_tokens is also the most
 
 
 @dataclass(slots=True)

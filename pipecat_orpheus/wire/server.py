@@ -243,16 +243,10 @@ class OrpheusServer:
             voices=self.config.voices,
             voice=voice,
             max_chars_per_piece=self.config.engine.max_chars_per_piece,
+            sampling=self._sampling,
         )
         pcm16 = query.get("format", [p.FORMATS[0]])[-1] == "Pcm16MessagePack"
-        stream = Connection(
-            n,
-            ws,
-            session,
-            self.synthesizer,
-            sampling=self._sampling,
-            pcm16=pcm16,
-        )
+        stream = Connection(n, ws, session, self.synthesizer, pcm16=pcm16)
         self._streams.add(stream)
         metrics.CONNECTIONS.inc()
         metrics.CONNECTIONS_TOTAL.labels("accepted").inc()

@@ -10,24 +10,28 @@ socket (`Abort`). It owns the rules that make the protocol safe and ordered:
   connection, so one client cannot starve the others);
 - `Marker` is a barrier: echoed once everything queued before it has been sent;
 - `Cancel` drops queued pieces and unsent output of the matching utterances, then `Cancelled`;
+- word times (`Text` out) go with the audio: each word before the `Audio` message that holds its
+  estimated start (`text.WordClock`), the rest when its piece ends, timed on the audio the client got;
 - every limit of `LimitsConfig` is checked here, and the outbox is bounded by
   `max_unsent_audio_s`: a client that stops reading is aborted instead of buffered forever.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from loguru import logger
 from websockets.frames import CloseCode
 
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
+from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, InvalidRequest, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
 from pipecat_orpheus.pcm import PcmFramer
-from pipecat_orpheus.text import SentenceBuffer, split_text, word_timings
+from pipecat_orpheus.text import SentenceBuffer, WordClock, split_text
 from pipecat_orpheus.wire import protocol as p
 
 
@@ -42,7 +46,13 @@ class Piece:
     id: p.MessageId | None  # the client's utterance id (Speak), None for streamed Text
     last: bool  # the utterance's last piece: Done{id} follows it
     streamed: bool  # from streamed Text (bounded by max_buffered_chars), else from Speak
+    sampling: SamplingParams
     samples: int = 0  # audio generated so far
+    popped: int = 0  # of it, samples handed to the socket (its words are timed from where that began)
+    clock: WordClock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clock = WordClock(self.text)
 
 
 @dataclass(slots=True)
@@ -144,12 +154,21 @@ class _Out:
     key: int | None = None  # the piece this output belongs to (Cancel purges by it)
     id: p.MessageId | None = None
     samples: int = 0
+    piece: Piece | None = None  # its piece: audio counts as the piece's, word times move onto the timeline
 
 
 class Session:
     """The protocol state of one connection; see the module docstring."""
 
-    def __init__(self, *, limits: LimitsConfig, voices: VoiceConfig, voice: str, max_chars_per_piece: int):
+    def __init__(
+        self,
+        *,
+        limits: LimitsConfig,
+        voices: VoiceConfig,
+        voice: str,
+        max_chars_per_piece: int,
+        sampling: SamplingParams | None = None,
+    ):
         """Start a session.
 
         Args:
@@ -157,11 +176,14 @@ class Session:
             voices: the voices a `Speak` may name.
             voice: the connection's voice (query `voice`, or the default).
             max_chars_per_piece: longest text handed to the speech source at once.
+            sampling: the server's sampling (default `SamplingParams()`); a `Speak` may override it,
+                with at most its `max_tokens`.
         """
         self.limits = limits
         self.voices = voices
         self.voice = voice
         self.max_chars_per_piece = max_chars_per_piece
+        self.sampling = sampling if sampling is not None else SamplingParams()
         self.outbox: deque[_Out] = deque()
         self.closed = False  # a Close or Abort has been issued: every later event is ignored
         self._actions: list[Action] = []
@@ -173,7 +195,7 @@ class Session:
         self._next_utterance = 0
         self._unsent_samples = 0
         self._unsent_messages = 0  # outbox messages other than audio (replies, word times)
-        self._timeline_samples = 0  # audio queued on this connection's timeline, minus what Cancel purged
+        self._popped_samples = 0  # audio handed to the socket: the client's timeline
         self._ended = False
         self._voice_warned = False
 
@@ -191,6 +213,14 @@ class Session:
         out = self.outbox.popleft()
         self._unsent_samples -= out.samples
         self._unsent_messages -= not (out.samples or isinstance(out.message, Close))
+        if out.samples:
+            self._popped_samples += out.samples
+            out.piece.popped += out.samples
+        elif isinstance(out.message, p.Word):
+            # Timed from its piece's first audio, which sits where the piece's popped audio began.
+            origin = (self._popped_samples - out.piece.popped) / SAMPLE_RATE
+            word = out.message
+            return p.Word(word.text, origin + word.start_s, origin + word.stop_s, id=word.id)
         return out.message
 
     @property
@@ -211,8 +241,9 @@ class Session:
     # -- events ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The stream is accepted: `Ready` goes first."""
-        self._send(p.Ready())
+        """The stream is accepted: `Ready` goes first, with the voices and sampling a `Speak` may ask for."""
+        sampling = {name: getattr(self.sampling, name) for name in p.SAMPLING_FIELDS}
+        self._send(p.Ready(voices=list(self.voices.available), default_voice=self.voice, sampling=sampling))
 
     def receive(self, message: p.ClientMessage) -> None:
         """A decoded client message; limit breaches become `Error{bad_request}` and are dropped."""
@@ -246,8 +277,11 @@ class Session:
         piece = self._current
         if self.closed or piece is None or piece.key != key or not len(pcm):
             return  # a cancelled piece's late audio
+        framed = piece.samples - self._framer.pending  # the piece's samples already in messages
         piece.samples += len(pcm)
         for chunk in self._framer.push(pcm):
+            framed += len(chunk)
+            self._send_words(piece, piece.clock.advance(framed / SAMPLE_RATE))  # before the audio they start in
             self._send_audio(piece, chunk)
         if self._unsent_samples > self.limits.max_unsent_audio_s * SAMPLE_RATE:
             self._abort_slow_client(f"over limits.max_unsent_audio_s ({self.limits.max_unsent_audio_s} s) unsent")
@@ -259,11 +293,8 @@ class Session:
             return
         self._current = None
         if error is None:
+            self._send_words(piece, piece.clock.finish(piece.samples / SAMPLE_RATE))
             self._send_audio(piece, self._framer.flush())
-            # Where this piece began on the timeline, robust to Cancel purging other pieces' audio.
-            start = (self._timeline_samples - piece.samples) / SAMPLE_RATE
-            for word, start_s, stop_s in word_timings(piece.text, start, piece.samples / SAMPLE_RATE):
-                self._send(p.Word(word, start_s, stop_s, id=piece.id), piece)
             if piece.last and piece.id is not None:
                 self._send(p.Done(piece.id), piece)
         else:
@@ -285,7 +316,7 @@ class Session:
         # Kyutai semantics: each Text holds whole words, so a fragment ends at a word boundary.
         self._check_buffered(len(words) + 1)
         for sentence in self._sentences.push(words + " "):
-            self._enqueue([sentence], self.voice, None, streamed=True)
+            self._enqueue([sentence], self.voice, None, self.sampling, streamed=True)
 
     def _on_eos(self, message: p.Eos) -> None:
         self._flush_text()
@@ -313,8 +344,9 @@ class Session:
                 f"{queued} utterances already queued: limits.max_queued_utterances "
                 f"({self.limits.max_queued_utterances})"
             )
+        sampling = self._sampling(message.sampling)
         self._flush_text()
-        self._enqueue(split_text(message.text, self.max_chars_per_piece), voice, message.id, streamed=False)
+        self._enqueue(split_text(message.text, self.max_chars_per_piece), voice, message.id, sampling, streamed=False)
 
     def _on_flush(self, message: p.Flush) -> None:
         self._flush_text()
@@ -344,7 +376,6 @@ class Session:
             if match(out):
                 self._unsent_samples -= out.samples
                 self._unsent_messages -= not out.samples
-                self._timeline_samples -= out.samples
             else:
                 kept.append(out)
         self.outbox = kept
@@ -360,15 +391,29 @@ class Session:
                 f"({self.limits.max_buffered_chars})"
             )
 
+    def _sampling(self, overrides: dict[str, float | int] | None) -> SamplingParams:
+        """The server's sampling with a `Speak`'s overrides; out of range, or past its max_tokens: bad_request."""
+        if not overrides:
+            return self.sampling
+        most = self.sampling.max_tokens
+        if overrides.get("max_tokens", 0) > most:
+            raise ProtocolError(f"Speak.sampling.max_tokens: {overrides['max_tokens']} is over this server's {most}")
+        try:
+            return dataclasses.replace(self.sampling, **overrides)
+        except InvalidRequest as e:
+            raise ProtocolError(f"Speak.sampling.{e.field}: {e.reason}") from None
+
     def _flush_text(self) -> None:
         for sentence in self._sentences.flush():
-            self._enqueue([sentence], self.voice, None, streamed=True)
+            self._enqueue([sentence], self.voice, None, self.sampling, streamed=True)
 
-    def _enqueue(self, texts: list[str], voice: str, id: p.MessageId | None, *, streamed: bool) -> None:
+    def _enqueue(
+        self, texts: list[str], voice: str, id: p.MessageId | None, sampling: SamplingParams, *, streamed: bool
+    ) -> None:
         utterance, self._next_utterance = self._next_utterance, self._next_utterance + 1
         for i, text in enumerate(texts):
             last = i == len(texts) - 1
-            self._queue.append(Piece(self._next_key, utterance, text, voice, id, last, streamed))
+            self._queue.append(Piece(self._next_key, utterance, text, voice, id, last, streamed, sampling))
             self._next_key += 1
 
     def _drop(self, match) -> None:
@@ -388,17 +433,21 @@ class Session:
             self.closed = True
 
     def _send(self, message: object, piece: Piece | None = None) -> None:
-        self.outbox.append(_Out(message, piece.key if piece else None, piece.id if piece else None))
+        self.outbox.append(_Out(message, piece.key if piece else None, piece.id if piece else None, piece=piece))
         self._unsent_messages += 1
         # Replies to a client that sends but does not read would pile up; audio has its own bound.
         if self._unsent_messages > self.limits.max_unsent_messages and not self.closed:
             self._abort_slow_client(f"over limits.max_unsent_messages ({self.limits.max_unsent_messages}) unsent")
 
+    def _send_words(self, piece: Piece, words: list[tuple[str, float, float]]) -> None:
+        """Word times relative to the piece's first audio (`pop` places them on the timeline)."""
+        for word, start_s, stop_s in words:
+            self._send(p.Word(word, start_s, stop_s, id=piece.id), piece)
+
     def _send_audio(self, piece: Piece, pcm: np.ndarray) -> None:
-        if len(pcm):
-            self.outbox.append(_Out(p.Audio(pcm, piece.id), piece.key, piece.id, len(pcm)))
+        if len(pcm) and not self.closed:  # a word just sent may have found the client not reading
+            self.outbox.append(_Out(p.Audio(pcm, piece.id), piece.key, piece.id, len(pcm), piece))
             self._unsent_samples += len(pcm)
-            self._timeline_samples += len(pcm)
 
     def _abort_slow_client(self, why: str) -> None:
         reason = f"client is not reading: {why}"

@@ -36,6 +36,15 @@ async def test_speak_streams_audio_and_words(config, synth, fmt):
         await client.marker()  # returns once everything before it has been sent
 
 
+async def test_ready_and_per_utterance_sampling(config, synth):
+    """`ready` holds the server's voices and sampling; speak(sampling=) is that utterance's own."""
+    async with serve(config, synth, port=0) as server, OrpheusClient(server.url) as client:
+        assert client.ready.voices == list(config.voices.available) and client.ready.default_voice == "tara"
+        assert client.ready.sampling["max_tokens"] == config.sampling.max_tokens
+        one_frame = await client.speak("Hi.", sampling={"max_tokens": 7, "temperature": 0.9})
+        assert len(await one_frame.read_all()) == SAMPLES_PER_FRAME
+
+
 async def test_cancel_ends_the_utterance(config, synth):
     """cancel(id) waits for Cancelled and ends that utterance's iteration with cancelled=True."""
     async with serve(config, synth, port=0) as server, OrpheusClient(server.url) as client:

@@ -44,6 +44,10 @@ def test_extension_messages_decode_and_ignore_unknown_keys():
         (msgpack.packb({"type": "Text", "text": 3}), "Text.text must be a string"),
         (msgpack.packb({"type": "Marker", "id": True}), "Marker.id must be a string or an integer"),
         (msgpack.packb({"type": "Speak", "text": "x", "voice": 1}), "Speak.voice must be a string"),
+        (msgpack.packb({"type": "Speak", "text": "x", "sampling": [1]}), "Speak.sampling must be a map"),
+        (msgpack.packb({"type": "Speak", "text": "x", "sampling": {"seed": 1}}), "Speak.sampling.seed is not a"),
+        (msgpack.packb({"type": "Speak", "text": "x", "sampling": {"top_p": True}}), "Speak.sampling.top_p must"),
+        (msgpack.packb({"type": "Speak", "text": "x", "sampling": {"max_tokens": 7.5}}), "max_tokens must be an int"),
         (msgpack.packb({"type": "Text", "text": "x"}) + b"\x00", "not a msgpack"),
     ],
 )
@@ -52,6 +56,13 @@ def test_malformed_frames_raise_protocol_error(frame, fragment):
     with pytest.raises(ProtocolError, match=fragment) as info:
         p.decode_client(frame)
     assert info.value.code == "bad_request"
+
+
+def test_speak_sampling_is_typed():
+    """Speak.sampling takes the four sampling settings, as floats and an integer max_tokens."""
+    body = {"type": "Speak", "text": "Hi.", "sampling": {"temperature": 1, "max_tokens": 70.0}}
+    speak = p.decode_client(msgpack.packb(body))
+    assert speak.sampling == {"temperature": 1.0, "max_tokens": 70} and isinstance(speak.sampling["max_tokens"], int)
 
 
 def test_audio_is_a_msgpack_float32_array():
@@ -87,6 +98,7 @@ def test_audio_round_trips(pcm, id):
     "message",
     [
         p.Ready(),
+        p.Ready(voices=["tara", "leo"], default_voice="tara", sampling={"top_p": 0.8, "max_tokens": 2000}),
         p.Word("hello", 0.0, 0.25, id=3),
         p.Word("hello", 0.5, 0.75),
         p.Marker(5),

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
+from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy
 from pipecat_orpheus.pcm import MESSAGE_SAMPLES
 from pipecat_orpheus.wire import protocol as p
@@ -165,14 +166,16 @@ def test_ordering_rules_hold_for_any_interleaving(ops):
             assert all(0 < len(a.pcm) <= MESSAGE_SAMPLES for a in audio)
             if not cancelled and not errors:
                 assert sum(len(a.pcm) for a in audio) == d.fed.get(sid, 0)
-    # Word timings are monotonic on the connection's timeline and never run past the audio sent.
+    # Word timings are monotonic on the connection's timeline, and each comes no later than the audio
+    # message it starts in: never past the audio sent so far plus the next message.
     timeline = 0.0
     last_stop = 0.0
-    for m in sent:
+    for i, m in enumerate(sent):
         if isinstance(m, p.Audio):
             timeline += len(m.pcm) / 24000
         elif isinstance(m, p.Word):
-            assert last_stop - 1e-9 <= m.start_s <= m.stop_s <= timeline + 1e-9
+            upcoming = next((len(a.pcm) / 24000 for a in sent[i:] if isinstance(a, p.Audio)), 0.0)
+            assert last_stop - 1e-9 <= m.start_s <= m.stop_s <= timeline + upcoming + 1e-9
             last_stop = m.stop_s
 
 
@@ -218,6 +221,46 @@ def test_speak_limits():
     assert "limits.max_utterance_chars" in errors[0].message and "unknown voice" in errors[1].message
     assert "limits.max_queued_utterances" in errors[2].message
     assert all(e.code == "bad_request" for e in errors)
+
+
+def test_ready_offers_voices_and_sampling():
+    """Ready carries the voices a Speak may name, the connection's voice and the server's sampling."""
+    d = Driver()
+    d.drain()
+    ready = d.sent[0]
+    assert ready.voices == list(VoiceConfig().available) and ready.default_voice == "tara"
+    assert ready.sampling == {"temperature": 0.6, "top_p": 0.8, "repetition_penalty": 1.1, "max_tokens": 2000}
+
+
+def test_speak_sampling_overrides_the_servers_within_its_limits():
+    """A Speak's sampling reaches its pieces; past the server's max_tokens or out of range it is refused by name."""
+    d = Driver()
+    d.receive(p.Speak("Hi.", id="a", sampling={"temperature": 0.3, "max_tokens": 70}))
+    assert d.current.sampling == SamplingParams(temperature=0.3, max_tokens=70)
+    d.receive(p.Speak("Hi.", id="b", sampling={"max_tokens": 2001}))
+    d.receive(p.Speak("Hi.", id="c", sampling={"top_p": 0.0}))
+    d.drain()
+    errors = {m.id: m for m in d.sent if isinstance(m, p.Error)}
+    assert set(errors) == {"b", "c"} and all(e.code == "bad_request" for e in errors.values())
+    assert "Speak.sampling.max_tokens" in errors["b"].message and "2000" in errors["b"].message
+    assert "Speak.sampling.top_p" in errors["c"].message and "range" in errors["c"].message
+
+
+def test_words_go_out_with_the_audio_they_start_in():
+    """Each word goes just before the audio message that holds its estimated start; the rest at the piece's end."""
+    d = Driver(max_chars=200)
+    d.receive(p.Speak("One two three four five.", id="a"))  # estimated starts 0, 0.24, 0.48, 0.88, 1.2 s
+    for _ in range(10):  # 0.8 s in 80 ms messages
+        d.audio(1920)
+    d.drain()
+    shown = ["W" if isinstance(m, p.Word) else "A" for m in d.sent if isinstance(m, (p.Word, p.Audio))]
+    assert "".join(shown) == "WAAAWAAAWAAAA"
+    d.finish()  # shorter than estimated: four and five share what is left after three
+    d.drain()
+    words = [m for m in d.sent if isinstance(m, p.Word)]
+    assert [w.text for w in words] == ["One", "two", "three", "four", "five."] and d.types()[-1] == "Done"
+    assert [round(w.start_s, 3) for w in words] == [0.0, 0.24, 0.48, 0.56, 0.68]
+    assert words[-1].stop_s == pytest.approx(0.8)
 
 
 def test_overlong_ids_are_refused_and_not_echoed():
