@@ -71,18 +71,18 @@ class ForcedLength:
         return getattr(self.synth, name)
 
 
-def bench_config(args) -> Config:
-    """The configuration the server runs with: the bench's settings, then `--set`."""
+def bench_config(args, **extra) -> Config:
+    """The configuration a load bench runs with: its model and utterance length, `extra`, then `--set`."""
     overrides = {
         "model.device": args.device,
         "sampling.max_tokens": args.audio_tokens,
-        "limits.max_connections": max(args.levels) + 16,
         "engine.core_process": args.core_process,  # None: as the configuration says (shipped: true)
+        **extra,
     }
     if args.tiny or args.random_weights:  # written in the real on-disk format: the engine core loads them itself
         from bench.model_files import write_random_models
 
-        root = Path(args.model_dir or tempfile.mkdtemp(prefix="bench_load_"))
+        root = Path(args.model_dir or tempfile.mkdtemp(prefix="bench_models_"))
         overrides.update(write_random_models(root, tiny=args.tiny, device=args.device))
         if args.random_weights:
             overrides["model.dtype"] = "bfloat16"
@@ -226,7 +226,7 @@ async def bench(args) -> dict:
     from pipecat_orpheus.format import SAMPLE_RATE
     from pipecat_orpheus.wire.server import serve
 
-    config = bench_config(args)
+    config = bench_config(args, **{"limits.max_connections": max(args.levels) + 16})
     synth = await asyncio.to_thread(start_speech, config)
     texts, prompt_lengths = make_texts(synth.backend.tokenizer, config.voices.default, args.prompt_tokens, 64)
     expected_samples = args.audio_tokens // 7 * 2048  # whole SNAC frames

@@ -29,21 +29,19 @@ import dataclasses
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from pipecat.frames.frames import EndFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-from bench.server.load import device_name, engine_counters, engine_delta, make_texts
+from bench.server.load import bench_config, device_name, engine_counters, engine_delta, make_texts
 from bench.server.report import ms_summary
 from bench.service.conversation import Recorder, Utterance, converse
 from bench.service.report import summarize, table
-from pipecat_orpheus.config import Config, load_config
+from pipecat_orpheus.config import Config
 from pipecat_orpheus.format import SAMPLE_RATE, SAMPLES_PER_FRAME
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.speech import load_synthesizer
@@ -132,24 +130,6 @@ async def run_level(args, config: Config, synth, level: int, texts, expected: in
     figures["bot"] = load.figures
     figures["engine"] = engine_delta(counters, engine_counters(synth), wall)
     return figures
-
-
-def bench_config(args) -> Config:
-    """The configuration every service of the bot gets: the bench's settings, then `--set`."""
-    overrides = {
-        "model.device": args.device,
-        "sampling.max_tokens": args.audio_tokens,
-        "engine.core_process": args.core_process,  # None: as the configuration says (shipped: true)
-    }
-    if args.tiny or args.random_weights:  # on disk, in the real format: an engine core loads them itself
-        from bench.model_files import write_random_models
-
-        root = Path(args.model_dir or tempfile.mkdtemp(prefix="bench_pipelines_"))
-        overrides.update(write_random_models(root, tiny=args.tiny, device=args.device))
-        if args.random_weights:
-            overrides["model.dtype"] = "bfloat16"
-    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
-    return load_config(args.config, overrides=overrides)
 
 
 class ForcedSubmit:
