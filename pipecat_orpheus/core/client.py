@@ -86,14 +86,15 @@ class CoreProcess:
         """Stop the process now (gracefully first when a requests socket is given)."""
         if not self.alive:
             return
-        try:
-            if requests is None:
-                raise subprocess.TimeoutExpired("", 0)
-            requests.send(messages.STOP, zmq.NOBLOCK)
-            self.process.wait(STOP_WAIT_S)
-        except (zmq.ZMQError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+        if requests is not None:
+            try:
+                requests.send(messages.STOP, zmq.NOBLOCK)
+                self.process.wait(STOP_WAIT_S)
+                return
+            except (zmq.ZMQError, subprocess.TimeoutExpired):
+                pass
+        self.process.kill()
+        self.process.wait()
 
 
 class EngineClient:
