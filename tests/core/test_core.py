@@ -16,7 +16,7 @@ from pipecat.frames.frames import ErrorFrame, TTSSpeakFrame
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.backend import load_backend
 from pipecat_orpheus.config import load_config
-from pipecat_orpheus.core import EngineClient
+from pipecat_orpheus.core import EngineClient, EngineCores
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, EngineFailed, InvalidRequest, ModelLoadError
 from pipecat_orpheus.service import OrpheusTTSService
@@ -119,8 +119,8 @@ async def test_a_killed_core_fails_its_requests_and_comes_back(tiny_model_dir):
     """SIGKILL mid-utterance: the client gets Error{internal}, /healthz is 503, then the core restarts and speaks."""
     config = core_config(tiny_model_dir, **{"engine.core_restart_backoff_s": 2.0})  # down for > 2 s
     synth = load_synthesizer(config)
-    core = synth.backend
-    assert isinstance(core, EngineClient)
+    assert isinstance(synth.backend, EngineCores)
+    (core,) = synth.backend.cores
     try:
         async with serve(with_(config, sampling={"max_tokens": 1400}), synth, port=0, api_keys=[]) as server:
             async with websockets.connect(server.url) as ws:
@@ -193,7 +193,7 @@ async def test_services_of_one_bot_share_one_core(tiny_model_dir):
     assert not of(up_a, ErrorFrame) and not of(up_b, ErrorFrame)
     assert samples(down_a) > 0 and samples(down_b) > 0
     synth = load_synthesizer(config)
-    assert isinstance(synth.backend, EngineClient)
+    assert isinstance(synth.backend, EngineCores)
     started = _cores() - before
     assert len(started) == 1, started
     synth.close()
@@ -213,3 +213,41 @@ def _cores() -> set[int]:
         except (FileNotFoundError, ProcessLookupError, ValueError):
             continue
     return out
+
+
+async def test_two_cores_share_the_load_and_one_killed_leaves_the_other_serving(tiny_model_dir):
+    """`engine.devices: [cpu, cpu]`: utterances alternate over two core processes; SIGKILL one mid-utterance
+    and only its utterances fail, the other core's go on, new ones go to it, /healthz is 503 until it restarts."""
+    config = core_config(tiny_model_dir, **{"engine.devices": ["cpu", "cpu"], "engine.core_restart_backoff_s": 2.0})
+    synth = load_synthesizer(config)
+    cores = synth.backend.cores
+    try:
+        assert len(cores) == 2 and cores[0].owner.process.pid != cores[1].owner.process.pid
+        async with serve(config, synth, port=0, api_keys=[]) as server:
+            streams = [synth.submit(LONG_TEXT, sampling=LONG) for _ in range(4)]
+            assert [core.load for core in cores] == [2, 2]  # sent alternately, before any beat counted them
+            for stream in streams:
+                await anext(stream)
+            victim, survivor = cores
+            doomed = [s for s in streams if s.request_id in victim._streams]
+            going = [s for s in streams if s.request_id in survivor._streams]
+            assert len(doomed) == len(going) == 2
+            os.kill(victim.owner.process.pid, signal.SIGKILL)
+            for stream in doomed:
+                with pytest.raises(EngineFailed, match="died"):
+                    await stream.read_all()
+            assert await eventually(lambda: not synth.healthy, timeout_s=5)
+            assert (await http_get(server.port, "/healthz"))[0] == 503
+            for stream in going:  # untouched: still speaking after the other core died
+                assert len(await anext(stream)) > 0
+                stream.cancel()
+            meanwhile = synth.submit("Still here.", sampling=SEEDED)
+            assert meanwhile.request_id in survivor._streams
+            assert len(await meanwhile.read_all()) > 0
+            assert await eventually(lambda: synth.healthy, timeout_s=60), "the killed core did not restart"
+            assert (await http_get(server.port, "/healthz"))[0] == 200
+            await until(lambda: synth.active_requests == 0)
+            status, body = await http_get(server.port, "/metrics")
+            assert status == 200 and all(f'orpheus_engine_steps{{core="{i}"}}' in body for i in (0, 1))
+    finally:
+        synth.close()
