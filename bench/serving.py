@@ -41,6 +41,25 @@ async def healthy(port: int) -> bool:
         return False
 
 
+def children(pid: int) -> dict[int, str]:
+    """pid -> command line of `pid`'s children (Linux /proc)."""
+    out = {}
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    with open(f"/proc/{child}/cmdline") as c:
+                        out[int(child)] = c.read().replace("\0", " ")
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return out
+
+
+def engine_cores(pid: int) -> list[int]:
+    """The engine core processes `pid` started, in start order (pids grow; one per device of `engine.devices`)."""
+    return sorted(child for child, command in children(pid).items() if "pipecat_orpheus.core.process" in command)
+
+
 def config_environment(overrides: dict) -> dict[str, str]:
     """Config keys as the `ORPHEUS_<SECTION>_<KEY>` variables `load_config` reads (values as YAML)."""
     return {f"ORPHEUS_{k.replace('.', '_').upper()}": str(v) for k, v in overrides.items() if v is not None}

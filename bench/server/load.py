@@ -30,7 +30,9 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -45,12 +47,13 @@ from pipecat_orpheus.wire.server import STREAM_PATHS
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0  # the client processes started
+CORE_RESTART_TIMEOUT_S = 900.0  # a killed engine core back (its model loaded again)
 SERVE_TIMEOUT_S = 900.0  # `serve` started -> /healthz 200 (loading, CUDA graphs, compiles on a cold GPU)
 START_MARGIN_S = 0.5  # from `go` to T0: every process has read it before the first arrival
 FORMATS = ("PcmMessagePack", "Pcm16MessagePack")
 SETTINGS = (
     "levels", "mode", "formats", "client_procs", "burst_protocol", "spread_s", "duration_s", "pause_s",
-    "cancel_fraction", "audio_tokens", "workers", "set",
+    "cancel_fraction", "audio_tokens", "workers", "kill_core_after_s", "set",
 )  # fmt: skip
 # Words for the texts: no sentence ends inside, so the server's sentence splitter keeps one piece each.
 WORDS = (
@@ -107,10 +110,16 @@ COUNTERS = ("steps", "busy_s", "decode_tokens", "prefill_tokens", "codec_windows
 
 
 def engine_delta(before: list[dict], after: list[dict], wall_s: float) -> dict | None:
-    """The engine cores' work over a run (each core's counters before and after; none for the reference path)."""
+    """The engine cores' work over a run (each core's counters before and after; none for the reference path).
+
+    A core restarted during the run counts from zero again: its figures are then those since the restart.
+    """
     if not before or len(before) != len(after):
         return None
-    per_core = [{k: a[k] - b[k] for k in COUNTERS} for b, a in zip(before, after, strict=True)]
+    restarted = [a["steps"] < b["steps"] for b, a in zip(before, after, strict=True)]
+    per_core = [
+        {k: a[k] - (0 if new else b[k]) for k in COUNTERS} for b, a, new in zip(before, after, restarted, strict=True)
+    ]
     d = {k: sum(core[k] for core in per_core) for k in COUNTERS}
     return {
         "steps": d["steps"],
@@ -186,9 +195,31 @@ async def run_clients(job: dict, procs: int) -> tuple[list[dict], float, float]:
     return records, t0, time.monotonic()
 
 
-async def run_level(args, port: int, level: int, mode: str, fmt: str, texts, expected_samples: int) -> dict:
-    job = make_job(args, f"ws://127.0.0.1:{port}{STREAM_PATHS[0]}", level, mode, fmt, texts, expected_samples)
+async def kill_a_core(port: int, server_pid: int, after_s: float) -> dict:
+    """SIGKILL the first engine core about `after_s` into a run (from its clients' start); /healthz and the restart."""
+    from bench.serving import engine_cores, healthy
+
+    await asyncio.sleep(START_MARGIN_S + after_s)
+    victim = engine_cores(server_pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed, down = time.monotonic(), None
+    figure = {"killed_pid": victim, "killed": killed}
+    while time.monotonic() - killed < CORE_RESTART_TIMEOUT_S:
+        up = await healthy(port)
+        if not up and down is None:
+            down = time.monotonic()
+        elif up and down is not None:
+            back = time.monotonic()
+            return figure | {"healthz_503_after_s": round(down - killed, 3), "back_after_s": round(back - killed, 3)}
+        await asyncio.sleep(0.05)
+    return figure | {"back_after_s": None}
+
+
+async def run_level(args, port: int, server_pid: int, level: int, mode: str, fmt: str, texts, expected: int) -> dict:
+    job = make_job(args, f"ws://127.0.0.1:{port}{STREAM_PATHS[0]}", level, mode, fmt, texts, expected)
     before = await scrape.scrape(port)
+    after_s = args.kill_core_after_s
+    kill = asyncio.create_task(kill_a_core(port, server_pid, after_s)) if after_s is not None else None
     async with scrape.Peaks(port) as peaks:
         records, t0, end = await run_clients(job, args.client_procs)
     wall = end - t0
@@ -196,6 +227,9 @@ async def run_level(args, port: int, level: int, mode: str, fmt: str, texts, exp
     figures = summarize(records, level=level, mode=mode, fmt=fmt, wall_s=wall)
     figures["server"] = scrape.delta(before, after) | {"peaks": peaks.peaks}
     figures["engine"] = engine_delta(scrape.engine_counters(before), scrape.engine_counters(after), wall)
+    if kill is not None:
+        figures["core_kill"] = await kill
+        figures["core_kill"]["killed_at_s"] = round(figures["core_kill"].pop("killed") - t0, 3)
     return figures
 
 
@@ -222,17 +256,21 @@ async def bench(args) -> dict:
     runs = []
     port = free_port()
     environment = {"ORPHEUS_API_KEYS": "", "LOGURU_LEVEL": args.log_level}  # no auth on loopback; quiet logs
-    async with serve_process(overrides, port, config_path=args.config, ready_timeout_s=SERVE_TIMEOUT_S, **environment):
+    served = serve_process(overrides, port, config_path=args.config, ready_timeout_s=SERVE_TIMEOUT_S, **environment)
+    started = time.monotonic()
+    async with served as server:
+        ready_s = time.monotonic() - started  # process start -> /healthz 200: load, graphs, compiles
         # Not recorded: first connections, allocator, and the engine's first cancels and mixed
         # joins (a first churn run on an H200 stalled once for ~0.8 s; later ones did not).
         warm, warm_args = min(8, max(args.levels)), argparse.Namespace(**vars(args))
         warm_args.duration_s, warm_args.cancel_fraction = min(3.0, args.duration_s), 0.5
+        warm_args.kill_core_after_s = None
         for mode in ("burst", "churn"):
-            await run_level(warm_args, port, warm, mode, FORMATS[0], texts, expected_samples)
+            await run_level(warm_args, port, server.pid, warm, mode, FORMATS[0], texts, expected_samples)
         for level in args.levels:
             for mode in args.mode:
                 for fmt in args.formats:
-                    runs.append(await run_level(args, port, level, mode, fmt, texts, expected_samples))
+                    runs.append(await run_level(args, port, server.pid, level, mode, fmt, texts, expected_samples))
                     print(table(runs[-1:], header=len(runs) == 1), flush=True)
     print("\n" + table(runs), flush=True)
     devices = config.engine.devices or (config.model.device,)
@@ -246,6 +284,7 @@ async def bench(args) -> dict:
             else "engine in the server process"
         ),
         "workers": config.server.workers,
+        "serve_ready_s": round(ready_s, 1),
         "model": "tiny" if args.tiny else ("real-size random weights" if args.random_weights else config.model.llm),
         "settings": {k: getattr(args, k) for k in SETTINGS}
         | {
@@ -287,6 +326,7 @@ def main() -> None:
     ap.add_argument(
         "--core-process", action=argparse.BooleanOptionalAction, help="the engine in a core process (default: config)"
     )
+    ap.add_argument("--kill-core-after-s", type=float, default=None, help="SIGKILL core 0 so far into each run")
     ap.add_argument("--workers", type=int, default=None, help="server processes (server.workers; default: config)")
     ap.add_argument("--log-level", default="WARNING", help="the server's log level (loguru)")
     ap.add_argument("--out", default="bench/results/server_load.json")

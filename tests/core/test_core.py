@@ -13,6 +13,7 @@ import pytest
 import websockets
 from pipecat.frames.frames import ErrorFrame, TTSSpeakFrame
 
+from bench.serving import engine_cores
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.backend import load_backend
 from pipecat_orpheus.config import load_config
@@ -201,53 +202,4 @@ async def test_services_of_one_bot_share_one_core(tiny_model_dir):
 
 def _cores() -> set[int]:
     """Pids of the engine core processes this process has started and that still run."""
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid():
-                    continue
-            with open(f"/proc/{pid}/cmdline") as c:
-                if "pipecat_orpheus.core.process" in c.read():
-                    out.add(int(pid))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-    return out
-
-
-async def test_two_cores_share_the_load_and_one_killed_leaves_the_other_serving(tiny_model_dir):
-    """`engine.devices: [cpu, cpu]`: utterances alternate over two core processes; SIGKILL one mid-utterance
-    and only its utterances fail, the other core's go on, new ones go to it, /healthz is 503 until it restarts."""
-    config = core_config(tiny_model_dir, **{"engine.devices": ["cpu", "cpu"], "engine.core_restart_backoff_s": 2.0})
-    synth = load_synthesizer(config)
-    cores = synth.backend.cores
-    try:
-        assert len(cores) == 2 and cores[0].owner.process.pid != cores[1].owner.process.pid
-        async with serve(config, synth, port=0, api_keys=[]) as server:
-            streams = [synth.submit(LONG_TEXT, sampling=LONG) for _ in range(4)]
-            assert [core.load for core in cores] == [2, 2]  # sent alternately, before any beat counted them
-            for stream in streams:
-                await anext(stream)
-            victim, survivor = cores
-            doomed = [s for s in streams if s.request_id in victim._streams]
-            going = [s for s in streams if s.request_id in survivor._streams]
-            assert len(doomed) == len(going) == 2
-            os.kill(victim.owner.process.pid, signal.SIGKILL)
-            for stream in doomed:
-                with pytest.raises(EngineFailed, match="died"):
-                    await stream.read_all()
-            assert await eventually(lambda: not synth.healthy, timeout_s=5)
-            assert (await http_get(server.port, "/healthz"))[0] == 503
-            for stream in going:  # untouched: still speaking after the other core died
-                assert len(await anext(stream)) > 0
-                stream.cancel()
-            meanwhile = synth.submit("Still here.", sampling=SEEDED)
-            assert meanwhile.request_id in survivor._streams
-            assert len(await meanwhile.read_all()) > 0
-            assert await eventually(lambda: synth.healthy, timeout_s=60), "the killed core did not restart"
-            assert (await http_get(server.port, "/healthz"))[0] == 200
-            await until(lambda: synth.active_requests == 0)
-            status, body = await http_get(server.port, "/metrics")
-            assert status == 200 and all(f'orpheus_engine_steps{{core="{i}"}}' in body for i in (0, 1))
-    finally:
-        synth.close()
+    return set(engine_cores(os.getpid()))
