@@ -25,8 +25,13 @@ class Backend(Protocol):
     closed: bool
     healthy: bool  # can speak now (False while an engine core restarts)
 
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
-        """Speak `prompts` in order as one stream read on the running event loop; `EngineBusy` when full."""
+    def submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None = None
+    ) -> AudioStream:
+        """Speak `prompts` in order as one stream read on the running event loop; `EngineBusy` when full.
+
+        `budgets` caps each piece's audio tokens (the guard's duration budget; None: no cap but `max_tokens`).
+        """
         ...
 
     def close(self) -> None:
@@ -39,7 +44,9 @@ class LocalBackend(Backend, Protocol):
 
     on_step: Callable[[], None] | None  # called on the backend's thread after each delivery of audio
 
-    def enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink) -> None:
+    def enqueue(
+        self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink, budgets: list[int] | None = None
+    ) -> None:
         """Speak `prompts` into `sink` (any thread; a unique `sink.request_id`); `EngineBusy` when full."""
         ...
 
