@@ -252,8 +252,9 @@ class ReferenceSynthesizer:
         reason = SPEECH_ENDED
         for i, prompt in enumerate(request.prompts):
             sampling, capped = request.sampling, False
-            if request.budgets is not None and request.budgets[i] < sampling.max_tokens:
-                sampling, capped = dataclasses.replace(sampling, max_tokens=request.budgets[i]), True
+            budget = None if request.budgets is None else max(request.budgets[i], sampling.min_tokens)
+            if budget is not None and budget < sampling.max_tokens:
+                sampling, capped = dataclasses.replace(sampling, max_tokens=budget), True
             if self._loops is not None:
                 self._loops.reset(0)
             cap = sampling.max_tokens - sampling.max_tokens % fmt.FRAME_TOKENS  # the audio it may have: whole frames

@@ -66,7 +66,7 @@ class CodecFeed:
         self._margin = codec.config.step_margin
         self._streams: dict[str, tuple[CodecStream, AudioSink]] = {}
         self._ready: list[_Audio] = []  # windows the last step completed, launched at the next
-        self._decoding: tuple[list[_Audio], DecodedAudio] | None = None  # launched, not yet delivered
+        self._decoding: tuple[list[_Audio], DecodedAudio | None] | None = None  # launched, not yet delivered
         self.step_s: float | None = None  # EWMA of measured step seconds (times each frame against its deadline)
 
     @property
@@ -112,7 +112,8 @@ class CodecFeed:
         """Queue the SNAC decode of the ready windows on `cuda_stream` (runs now on CPU)."""
         audio, self._ready = self._ready, []
         windows = [w for a in audio for w in a.windows]
-        if not windows:
+        if not windows:  # a request whose frames have all gone out may still end here: deliver ends its sink
+            self._decoding = (audio, None) if audio else None
             return
         with torch.cuda.stream(cuda_stream) if cuda_stream is not None else contextlib.nullcontext():
             self._decoding = (audio, self.codec.launch(windows))
@@ -125,7 +126,7 @@ class CodecFeed:
         if self._decoding is None:
             return 0
         audio, decoded = self._decoding
-        pcm = iter(decoded.wait())
+        pcm = iter(decoded.wait() if decoded is not None else ())
         self._decoding = None
         for a in audio:
             chunks = [next(pcm) for _ in a.windows]

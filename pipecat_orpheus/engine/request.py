@@ -25,7 +25,7 @@ class SamplingParams:
     repetition_penalty: float = _DEFAULTS.repetition_penalty
     max_tokens: int = _DEFAULTS.max_tokens
     seed: int | None = _DEFAULTS.seed
-    min_tokens: int = 0  # END_OF_SPEECH is masked until this many audio tokens (benchmarks force full length)
+    min_tokens: int = 0  # END_OF_SPEECH masked until this many audio tokens (benchmarks); no duration budget cuts it
 
     def __post_init__(self) -> None:
         for name in _CHECKED:

@@ -225,7 +225,7 @@ class Scheduler:
         request.num_scheduled = 0
         request.output_ids.append([])
         room = min(request.sampling.max_tokens, self.max_tokens_per_slot - request.num_prompt_tokens)
-        budget = request.budgets[request.piece] if request.budgets is not None else room
+        budget = room if request.budgets is None else max(request.budgets[request.piece], request.sampling.min_tokens)
         request.budget_capped = budget < room
         cap = min(budget, room)
         request.max_new_tokens = cap - cap % FRAME_TOKENS  # whole frames: SNAC never sees a partial one
