@@ -11,12 +11,13 @@ end to the caller (`Done.reason` on the wire):
 - **loop**: the last `loop_frames` frames equal, all 7 codes each, the `loop_frames` frames that
   end d frames earlier, for some period d in 1..`loop_window_frames`. Checked on the host, where
   the step's tokens already are, once per step for every frame it completed (numpy over the
-  batch). Sampled speech at temperature > 0 all but never repeats 7 codes exactly twice running
+  batch, frames compared by hash). Sampled speech at temperature > 0 all but never repeats 7 codes exactly twice running
   (and Orpheus's training data drops consecutive repeated frames); a degenerate loop does.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ LOOP = "loop"  # the guard: its frames repeat
 GUARD_REASONS = (DURATION, LOOP)
 STOP_REASONS = (SPEECH_ENDED, MAX_TOKENS, *GUARD_REASONS)
 _RANK = {SPEECH_ENDED: 0, MAX_TOKENS: 1, DURATION: 2, LOOP: 2}
+_HASH = np.random.default_rng(0x6F72).integers(1, 2**62, FRAME_TOKENS, dtype=np.int64) | 1  # (7,) odd multipliers
+_NO_FRAME = -1  # history before a piece's first frames (a frame hashing to it adds one match, not loop_frames)
 
 
 def worse(current: str | None, new: str | None) -> str | None:
@@ -62,8 +65,10 @@ class LoopDetector:
     """Per-slot frame history and, for each period d, how many of the latest frames equal the frame d before.
 
     `run[s, d - 1] >= loop_frames` says that slot s's last `loop_frames` frames repeat the ones d
-    frames earlier. State is reset when a piece starts in the slot; a step updates every slot that
-    completed a frame in one vectorized pass.
+    frames earlier. A frame is kept as one 64-bit hash of its 7 token ids (two different frames
+    share one with odds of about 2**-52, and a false loop needs `loop_frames` such matches in a
+    row), so a step compares (F, W) integers. State is reset when a piece starts in the slot; a
+    step updates every slot that completed a frame in one vectorized pass.
 
     Args:
         slots: the engine's slot count.
@@ -73,22 +78,22 @@ class LoopDetector:
     def __init__(self, slots: int, config: GuardConfig):
         self.frames = config.loop_frames
         window = config.loop_window_frames
-        self._history = np.full((slots, window, FRAME_TOKENS), -1, dtype=np.int64)  # (S, W, 7): newest first
+        self._history = np.full((slots, window), _NO_FRAME, dtype=np.int64)  # (S, W) frame hashes, newest first
         self._run = np.zeros((slots, window), dtype=np.int32)  # (S, W): column d - 1 for period d
 
     def reset(self, slot: int) -> None:
         """A piece starts in `slot`: no history."""
-        self._history[slot] = -1  # never equal to a token id
+        self._history[slot] = _NO_FRAME
         self._run[slot] = 0
 
     def check(self, slots: Sequence[int], frames: Sequence[Sequence[int]]) -> np.ndarray:
         """Add one frame (7 token ids) per slot (distinct slots); (F,) bool: the slots whose frames now loop."""
-        s = np.asarray(slots, dtype=np.int64)  # (F,)
-        f = np.asarray(frames, dtype=np.int64)  # (F, 7)
-        history = self._history[s]  # (F, W, 7)
-        same = (history == f[:, None, :]).all(axis=2)  # (F, W): equal to the frame d = 1..W before
-        run = np.where(same, self._run[s] + 1, 0)  # (F, W)
+        s = np.asarray(slots, dtype=np.intp)  # (F,)
+        ids = np.fromiter(itertools.chain.from_iterable(frames), dtype=np.int64, count=FRAME_TOKENS * len(s))
+        keys = ids.reshape(-1, FRAME_TOKENS) @ _HASH  # (F,) wrapping int64 arithmetic
+        history = self._history[s]  # (F, W)
+        run = (self._run[s] + 1) * (history == keys[:, None])  # (F, W): +1 where equal to the frame d before, else 0
         self._run[s] = run
         self._history[s, 1:] = history[:, :-1]
-        self._history[s, 0] = f
+        self._history[s, 0] = keys
         return run.max(axis=1) >= self.frames
