@@ -27,8 +27,13 @@ class Backend(Protocol):
     healthy: bool  # can speak now (False while an engine core restarts)
     engine_stats: list[EngineStats]  # each engine's counters (one per engine core; none for the reference path)
 
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
-        """Speak `prompts` in order as one stream read on the running event loop; `EngineBusy` when full."""
+    def submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None = None
+    ) -> AudioStream:
+        """Speak `prompts` in order as one stream read on the running event loop; `EngineBusy` when full.
+
+        `budgets` caps each piece's audio tokens (the guard's duration budget; None: no cap but `max_tokens`).
+        """
         ...
 
     def close(self) -> None:
@@ -41,7 +46,9 @@ class LocalBackend(Backend, Protocol):
 
     on_step: Callable[[], None] | None  # called on the backend's thread after each delivery of audio
 
-    def enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink) -> None:
+    def enqueue(
+        self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink, budgets: list[int] | None = None
+    ) -> None:
         """Speak `prompts` into `sink` (any thread; a unique `sink.request_id`); `EngineBusy` when full."""
         ...
 

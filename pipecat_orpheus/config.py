@@ -79,6 +79,17 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """The integrity guard: a piece's audio is stopped past its duration budget or when its frames loop."""
+
+    duration_factor: float = field(default=3.0, metadata=_range(0.0, 100.0))
+    duration_margin_s: float = field(default=2.0, metadata=_range(0.0, 600.0))
+    wide_letter_weight: float = field(default=3.0, metadata=_range(1.0, 10.0))
+    loop_frames: int = field(default=6, metadata=_range(0, 256))
+    loop_window_frames: int = field(default=48, metadata=_range(1, 1024))
+
+
+@dataclass(frozen=True, slots=True)
 class CodecConfig:
     """Streaming SNAC decoding: context on each side of a frame, batching, precision."""
 
@@ -163,6 +174,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     sampling: SamplingConfig = SamplingConfig()
+    guard: GuardConfig = GuardConfig()
     codec: CodecConfig = CodecConfig()
     voices: VoiceConfig = VoiceConfig()
     server: ServerConfig = ServerConfig()

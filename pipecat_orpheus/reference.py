@@ -16,6 +16,7 @@ order for every step:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 from collections import deque
@@ -36,7 +37,8 @@ from transformers import (
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import AudioSink, SnacCodec
 from pipecat_orpheus.codec.stream import Window
-from pipecat_orpheus.config import Config, EngineConfig
+from pipecat_orpheus.config import Config, EngineConfig, GuardConfig
+from pipecat_orpheus.engine.guard import DURATION, LOOP, MAX_TOKENS, SPEECH_ENDED, LoopDetector, worse
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.errors import EngineBusy, EngineClosed, RequestCancelled
@@ -114,26 +116,33 @@ class _Request:
     prompts: list[list[int]]
     sampling: SamplingParams
     stream: AudioSink
+    budgets: list[int] | None = None
 
 
 class ReferenceSynthesizer:
     """A `speech.Backend` that runs one request at a time through `generate_tokens` and the codec.
 
     Requests wait in a bounded queue (`engine.max_queue`); past it `submit` raises `EngineBusy`.
-    Cancelling a stream stops its generation at the next token.
+    Cancelling a stream stops its generation at the next token. The integrity guard stops a piece
+    as the engine's does (`engine.guard`), so both give the same audio and the same stop reason.
 
     Args:
         llm: a loaded Orpheus `LlamaForCausalLM` (eval mode).
         tokenizer: its tokenizer.
         codec: a `SnacCodec` on the same device.
         config: the `engine` section (`max_queue` is used).
+        guard: the `guard` section (loop detection; duration budgets come with each request); None: its defaults.
     """
 
-    def __init__(self, llm: Any, tokenizer: Any, codec: SnacCodec, *, config: EngineConfig):
+    def __init__(
+        self, llm: Any, tokenizer: Any, codec: SnacCodec, *, config: EngineConfig, guard: GuardConfig | None = None
+    ):
         self.llm = llm
         self.tokenizer = tokenizer
         self.codec = codec
         self.config = config
+        guard = guard if guard is not None else GuardConfig()
+        self._loops = LoopDetector(1, guard) if guard.loop_frames else None  # one request at a time: one slot
         self._ids = itertools.count()
         self._queue: deque[_Request] = deque()
         self._active: _Request | None = None
@@ -146,19 +155,23 @@ class ReferenceSynthesizer:
     @classmethod
     def from_models(cls, llm, tokenizer, snac, device, config: Config) -> ReferenceSynthesizer:
         """A reference path over loaded models (`loader.load_models`), its worker started."""
-        return cls(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config.engine)
+        return cls(llm, tokenizer, SnacCodec(snac, config.codec, device), config=config.engine, guard=config.guard)
 
     # -- Backend -----------------------------------------------------------------------------
 
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
+    def submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None = None
+    ) -> AudioStream:
         """Queue `prompts` for speech; call from the event loop that will read the returned stream."""
         stream = AudioStream(f"ref-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
-        self.enqueue(prompts, sampling, stream)
+        self.enqueue(prompts, sampling, stream, budgets)
         return stream
 
-    def enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink) -> None:
+    def enqueue(
+        self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink, budgets: list[int] | None = None
+    ) -> None:
         """Queue `prompts` for speech into `sink` (any thread); `EngineBusy` when the queue is full."""
-        request = _Request(sink.request_id, prompts, sampling, sink)
+        request = _Request(sink.request_id, prompts, sampling, sink, budgets)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the Orpheus reference path is closed")
@@ -222,8 +235,8 @@ class ReferenceSynthesizer:
                 self._active = self._queue.popleft()
             request = self._active
             try:
-                self._synthesize(request)
-                request.stream.finish(RequestCancelled(request.id) if self._closed else None)
+                reason = self._synthesize(request)
+                request.stream.finish(RequestCancelled(request.id) if self._closed else None, reason)
             except Exception as e:  # the caller gets the error through its stream; the worker goes on
                 logger.exception(f"{self}: request {request.id} failed")
                 request.stream.finish(e)
@@ -232,8 +245,8 @@ class ReferenceSynthesizer:
                     self._active = None
                 self._stepped()
 
-    def _synthesize(self, request: _Request) -> None:
-        """Speak every piece of the request into one codec stream: one continuous utterance."""
+    def _synthesize(self, request: _Request) -> str | None:
+        """Speak every piece of the request into one codec stream: one continuous utterance; why it ended."""
 
         def stopped() -> bool:
             return request.stream.cancelled or self._closed
@@ -241,18 +254,35 @@ class ReferenceSynthesizer:
         device = next(self.llm.parameters()).device
         generator = make_generator(request.sampling.seed, device)
         codec_stream = self.codec.open_stream(request.sampling.seed)
-        for prompt in request.prompts:
+        reason = SPEECH_ENDED
+        for i, prompt in enumerate(request.prompts):
+            sampling, capped = request.sampling, False
+            budget = None if request.budgets is None else max(request.budgets[i], sampling.min_tokens)
+            if budget is not None and budget < sampling.max_tokens:
+                sampling, capped = dataclasses.replace(sampling, max_tokens=budget), True
+            if self._loops is not None:
+                self._loops.reset(0)
+            cap = sampling.max_tokens - sampling.max_tokens % fmt.FRAME_TOKENS  # the audio it may have: whole frames
             frame: list[int] = []
-            for token in generate_tokens(self.llm, prompt, request.sampling, generator=generator):
+            piece_reason, count = None, 0
+            for token in generate_tokens(self.llm, prompt, sampling, generator=generator):
                 if stopped():
-                    return
+                    return None
                 frame.append(token)
+                count += 1
                 if len(frame) == fmt.FRAME_TOKENS:
                     self._emit(request, codec_stream.push(fmt.frame_codes(frame)[0]))
+                    if self._loops is not None and count < cap and self._loops.check([0], [frame])[0]:
+                        piece_reason = LOOP
+                        break
                     frame = []
             if stopped():
-                return
+                return None
+            if piece_reason is None:
+                piece_reason = SPEECH_ENDED if count < cap else DURATION if capped else MAX_TOKENS
+            reason = worse(reason, piece_reason)
         self._emit(request, codec_stream.finish())
+        return reason
 
     def _emit(self, request: _Request, windows: list[Window]) -> None:
         if windows:

@@ -28,6 +28,7 @@ from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config, load_config
+from pipecat_orpheus.engine.guard import GUARD_REASONS
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import (
     AuthError,
@@ -322,6 +323,8 @@ class OrpheusTTSService(TTSService):
                     yield TTSAudioRawFrame(audio.astype("<i2").tobytes(), rate, 1, context_id=context_id)
             if stream.cancelled:
                 return
+            if stream.stop_reason in GUARD_REASONS:
+                logger.warning(f"{self}: Orpheus's integrity guard cut {text[:40]!r} short ({stream.stop_reason})")
             tail = [*framer.push(await self._to_output(None)), framer.flush()]
             duration_s = (pushed + sum(map(len, tail))) / rate
             await self._add_words(clock.finish(duration_s), offset_s, context_id)  # the rest, before the last audio

@@ -2,7 +2,8 @@
 
 `Speech` implements `Synthesizer` over a backend (the batched engine or the reference path):
 it checks the voice, applies the sampling defaults, splits the text into pieces once and builds
-each piece's prompt, so the server and the Pipecat service run on either backend with no change.
+each piece's prompt and duration budget (`engine.guard`), so the server and the Pipecat service
+run on either backend with no change.
 `load_synthesizer` keeps one per configuration in the process, shared by every caller.
 """
 
@@ -15,8 +16,9 @@ import numpy as np
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.backend import Backend, load_backend
-from pipecat_orpheus.config import Config, SamplingConfig, VoiceConfig
+from pipecat_orpheus.config import Config, GuardConfig, SamplingConfig, VoiceConfig
 from pipecat_orpheus.engine.engine import EngineStats
+from pipecat_orpheus.engine.guard import duration_budget
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.text import split_text
@@ -26,6 +28,7 @@ class SpeechStream(Protocol):
     """One text's audio: float32 mono 24 kHz PCM chunks, as an async iterator, cancellable at once."""
 
     cancelled: bool
+    stop_reason: str | None  # once it ended normally: why (`engine.guard`: end_of_speech, max_tokens, duration, loop)
 
     def __aiter__(self) -> SpeechStream: ...
 
@@ -85,20 +88,31 @@ class Speech:
         voices: the `voices` section (default voice, the voices a request may name).
         sampling: the `sampling` section (defaults of requests that bring none).
         max_chars_per_piece: longest text spoken by one prompt (`engine.max_chars_per_piece`).
+        guard: the `guard` section (each piece's duration budget); None: its defaults.
     """
 
-    def __init__(self, backend: Backend, *, voices: VoiceConfig, sampling: SamplingConfig, max_chars_per_piece: int):
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        voices: VoiceConfig,
+        sampling: SamplingConfig,
+        max_chars_per_piece: int,
+        guard: GuardConfig | None = None,
+    ):
         self.backend = backend
         self.voices = voices
         self.sampling = SamplingParams.from_config(sampling)
         self.max_chars_per_piece = max_chars_per_piece
+        self.guard = guard if guard is not None else GuardConfig()
 
     def submit(self, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None) -> AudioStream:
         """Start speaking `text` (call from the event loop that reads the stream); `EngineBusy` when full."""
         voice = self.voices.check(voice)
         pieces = split_text(text, self.max_chars_per_piece) or [""]
         prompts = [fmt.build_prompt(self.backend.tokenizer, piece, voice) for piece in pieces]
-        return self.backend.submit_prompts(prompts, sampling or self.sampling)
+        budgets = None if self.guard.duration_factor == 0 else [duration_budget(p, self.guard) for p in pieces]
+        return self.backend.submit_prompts(prompts, sampling or self.sampling, budgets)
 
     @property
     def active_requests(self) -> int:
@@ -145,7 +159,11 @@ def open_backend(config: Config) -> Backend:
 def speech_for(backend: Backend, config: Config) -> Speech:
     """`backend` behind the front that `config`'s voices, sampling and piece length describe."""
     return Speech(
-        backend, voices=config.voices, sampling=config.sampling, max_chars_per_piece=config.engine.max_chars_per_piece
+        backend,
+        voices=config.voices,
+        sampling=config.sampling,
+        max_chars_per_piece=config.engine.max_chars_per_piece,
+        guard=config.guard,
     )
 
 
@@ -160,7 +178,7 @@ def load_synthesizer(config: Config) -> Speech:
     Callers whose configurations differ only in voices or sampling share one engine, each with
     its own front. Blocking (loads weights and warms up): call it off the event loop.
     """
-    key = (config.model, config.engine, config.codec)
+    key = (config.model, config.engine, config.guard, config.codec)
     with _shared_lock:
         if key not in _backends or _backends[key].closed:
             _backends[key] = open_backend(config)

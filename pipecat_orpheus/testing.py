@@ -10,6 +10,8 @@
 - `root/snac`: a small random SNAC with the 24 kHz model's hop (512), codebooks and noise,
   written as `config.json` + `pytorch_model.bin` like `hubertsiuzdak/snac_24khz`.
 
+`forced_tokens` drives the engine's host side (frames, the integrity guard) with chosen tokens.
+
 Both load through `pipecat_orpheus.loader` exactly as the real weights do. The weights are random
 (seeded, so the files are identical run to run): the model emits random audio tokens and SNAC
 turns them into noise. Nothing here produces speech.
@@ -18,11 +20,17 @@ turns them into noise. Nothing here produces speech.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipecat_orpheus import format as fmt
+
+if TYPE_CHECKING:
+    from pipecat_orpheus.engine.request import Request
+    from pipecat_orpheus.engine.scheduler import ScheduledStep
 
 TINY_SEED = 1234  # fixed so the tiny model (and every test built on it) is the same on every machine
 
@@ -171,3 +179,26 @@ def tiny_model_overrides(root: Path | str) -> dict[str, str]:
     """Config overrides (`load_config(overrides=...)`) for the tiny model `make_tiny_model(root)` wrote, on the CPU."""
     root = Path(root)
     return {"model.llm": str(root / "llm"), "model.codec": str(root / "snac"), "model.device": "cpu"}
+
+
+def forced_tokens(
+    script: Callable[[Request, int], int | None],
+) -> Callable[[ScheduledStep, list[int], list[int]], None]:
+    """A test hook for `OrpheusEngine.rewrite_tokens`: the tokens the host sees are `script`'s, not the sampled ones.
+
+    Token `index` of a request's current piece becomes `script(request, index)` (None keeps the
+    sampled token). The model's own next input stays the token it sampled: only what the host
+    does with tokens (frames, the integrity guard, the codec) is driven, e.g. with a loop of frames.
+    """
+
+    def rewrite(step: ScheduledStep, decode_tokens: list[int], first_tokens: list[int]) -> None:
+        for i, (request, index) in enumerate(zip(step.decode, step.generated, strict=True)):
+            decode_tokens[i] = _or(script(request, index), decode_tokens[i])
+        for j, chunk in enumerate([c for c in step.prefill if c.last]):
+            first_tokens[j] = _or(script(chunk.request, 0), first_tokens[j])
+
+    return rewrite
+
+
+def _or(forced: int | None, sampled: int) -> int:
+    return sampled if forced is None else forced

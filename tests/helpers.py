@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import msgpack
+import numpy as np
 from pipecat.frames.frames import (
     DataFrame,
     Frame,
@@ -37,7 +38,7 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config, load_config
 from pipecat_orpheus.service import OrpheusTTSService
 from pipecat_orpheus.speech import Synthesizer, load_synthesizer
-from pipecat_orpheus.testing import tiny_model_overrides
+from pipecat_orpheus.testing import forced_tokens, tiny_model_overrides
 from pipecat_orpheus.text import WordClock
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import OrpheusServer, serve
@@ -314,3 +315,40 @@ async def run_agent(
     params = PipelineParams(audio_out_sample_rate=fmt.SAMPLE_RATE)
     down, _ = await run_test(pipeline, frames_to_send=frames, pipeline_params=params, start_timeout=START_TIMEOUT_S)
     return list(down), context
+
+
+# -- the integrity guard driven by forced tokens (tests/engine, tests/wire) -----------------------
+
+# A guard that fires soon: loops of 4 frames, a budget of the text's letters at 12.5/s plus 0.5 s.
+GUARD = {"guard.loop_frames": 4, "guard.duration_factor": 1.0, "guard.duration_margin_s": 0.5}
+GUARD_LOOP = 3 + 2 + 4  # frames "It loops." speaks: 3, then 2 repeated, until 4 equal the ones 2 before
+
+
+def speaking(codes: np.ndarray, end: bool) -> Callable[[int], int]:
+    """index -> token: the frames `codes` (n, 7) in order, then END_OF_SPEECH (`end`) or the same frames again."""
+    ids = fmt.codes_to_tokens(codes)
+    return lambda i: fmt.END_OF_SPEECH if end and i >= len(ids) else ids[i % len(ids)]
+
+
+def guard_scripts() -> dict[str, Callable[[int], int]]:
+    """A loop, a runaway and a normal utterance, by text."""
+    varied = np.random.default_rng(0).integers(0, fmt.CODEBOOK_SIZE, (80, fmt.FRAME_TOKENS))  # (80, 7), no repeats
+    loop = np.concatenate(
+        [varied[:3], np.resize(varied[3:5], (60, fmt.FRAME_TOKENS))]
+    )  # 3 frames, then 2 over and over
+    return {
+        "It loops.": speaking(loop, end=False),
+        "Hi.": speaking(varied, end=False),
+        "All fine.": speaking(varied[:5], end=True),
+    }
+
+
+def forced_by_text(tokenizer, voice: str, scripts: dict[str, Callable[[int], int]]):
+    """An `OrpheusEngine.rewrite_tokens` hook forcing each text's script; requests of other texts keep their tokens."""
+    by_prompt = {tuple(fmt.build_prompt(tokenizer, text, voice)): script for text, script in scripts.items()}
+
+    def script(request, index: int) -> int | None:
+        forced = by_prompt.get(tuple(request.prompt))
+        return None if forced is None else forced(index)
+
+    return forced_tokens(script)

@@ -32,6 +32,7 @@ from pipecat.utils.errors import ErrorCategory
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.config import Config
+from pipecat_orpheus.engine.guard import duration_budget
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.pcm import float_to_pcm16_bytes
 from pipecat_orpheus.service import OrpheusTTSService, OrpheusTTSSettings
@@ -39,6 +40,7 @@ from pipecat_orpheus.speech import Synthesizer, load_synthesizer
 from pipecat_orpheus.wire.client import OrpheusClient
 from pipecat_orpheus.wire.server import OrpheusServer
 from tests.helpers import (
+    GUARD,
     LONG_TOKENS,
     MAX_TOKENS,
     MODES,
@@ -235,6 +237,21 @@ async def test_mode_is_logged_at_start(mode: str, config: Config, synth: Synthes
         logger.remove(sink)
     where = config.model.llm if mode == "local" else server.url
     assert any(f"{mode} mode" in line and where in line for line in lines), lines
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_sentence_the_guard_cut_short_is_logged(mode: str, tiny_model_dir: Path) -> None:
+    """The random model runs past "Hi."'s duration budget: its audio stops there and the service says why."""
+    config = tiny_config(tiny_model_dir, **{"sampling.max_tokens": 300, **GUARD})
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        async with orpheus_tts(mode, config) as (tts, _):
+            down, _ = await speak(tts, [TTSSpeakFrame("Hi.")])
+    finally:
+        logger.remove(sink)
+    assert samples(down) == duration_budget("Hi.", config.guard) // fmt.FRAME_TOKENS * fmt.SAMPLES_PER_FRAME
+    assert any("guard cut 'Hi.' short (duration)" in line for line in lines), lines
 
 
 # -- settings -----------------------------------------------------------------------------------

@@ -39,18 +39,19 @@ class AudioSink(Protocol):
     def put(self, pcm: np.ndarray) -> None:
         """Take one chunk of float32 PCM."""
 
-    def finish(self, error: BaseException | None = None) -> None:
-        """End the request's audio, normally or with `error`."""
+    def finish(self, error: BaseException | None = None, reason: str | None = None) -> None:
+        """End the request's audio, normally (with why it ended: `engine.guard`'s reasons) or with `error`."""
 
 
 @dataclass(slots=True)
 class _Audio:
-    """Windows of one request to decode at the next step; `final` ends its sink after them."""
+    """Windows of one request to decode at the next step; `final` ends its sink after them, for `reason`."""
 
     stream: CodecStream
     windows: list[Window]
     sink: AudioSink
     final: bool
+    reason: str | None = None
 
 
 class CodecFeed:
@@ -65,7 +66,7 @@ class CodecFeed:
         self._margin = codec.config.step_margin
         self._streams: dict[str, tuple[CodecStream, AudioSink]] = {}
         self._ready: list[_Audio] = []  # windows the last step completed, launched at the next
-        self._decoding: tuple[list[_Audio], DecodedAudio] | None = None  # launched, not yet delivered
+        self._decoding: tuple[list[_Audio], DecodedAudio | None] | None = None  # launched, not yet delivered
         self.step_s: float | None = None  # EWMA of measured step seconds (times each frame against its deadline)
 
     @property
@@ -87,8 +88,10 @@ class CodecFeed:
         """One engine step took `seconds`: the deadline timing of later frames uses the average."""
         self.step_s = seconds if self.step_s is None else self.step_s + _STEP_EWMA * (seconds - self.step_s)
 
-    def push(self, frames: Iterable[tuple[str, Sequence[int]]], finished: Iterable[str], now: float) -> None:
-        """Each (request id, 7 audio token ids) to its stream; `finished` requests flush their last windows.
+    def push(
+        self, frames: Iterable[tuple[str, Sequence[int]]], finished: Iterable[tuple[str, str]], now: float
+    ) -> None:
+        """Each (request id, 7 audio token ids) to its stream; `finished` (request id, why) flush their last windows.
 
         A window held back now could be decoded one frame (7 steps) and one step (its decode) later.
         """
@@ -100,16 +103,17 @@ class CodecFeed:
             windows = entry[0].push(fmt.frame_codes(ids)[0], **live)
             if windows:
                 self._ready.append(_Audio(entry[0], windows, entry[1], final=False))
-        for request_id in finished:
+        for request_id, reason in finished:
             entry = self._streams.pop(request_id, None)
             if entry is not None:
-                self._ready.append(_Audio(entry[0], entry[0].finish(), entry[1], final=True))
+                self._ready.append(_Audio(entry[0], entry[0].finish(), entry[1], final=True, reason=reason))
 
     def launch(self, cuda_stream: torch.cuda.Stream | None) -> None:
         """Queue the SNAC decode of the ready windows on `cuda_stream` (runs now on CPU)."""
         audio, self._ready = self._ready, []
         windows = [w for a in audio for w in a.windows]
-        if not windows:
+        if not windows:  # a request whose frames have all gone out may still end here: deliver ends its sink
+            self._decoding = (audio, None) if audio else None
             return
         with torch.cuda.stream(cuda_stream) if cuda_stream is not None else contextlib.nullcontext():
             self._decoding = (audio, self.codec.launch(windows))
@@ -122,7 +126,7 @@ class CodecFeed:
         if self._decoding is None:
             return 0
         audio, decoded = self._decoding
-        pcm = iter(decoded.wait())
+        pcm = iter(decoded.wait() if decoded is not None else ())
         self._decoding = None
         for a in audio:
             chunks = [next(pcm) for _ in a.windows]
@@ -131,7 +135,7 @@ class CodecFeed:
             for chunk in chunks:
                 a.sink.put(chunk)
             if a.final:
-                a.sink.finish(None)
+                a.sink.finish(None, a.reason)
         return sum(len(a.windows) for a in audio)
 
     def fail(self, error: BaseException) -> list[str]:

@@ -178,8 +178,10 @@ class EngineClient:
 
     # -- Backend -------------------------------------------------------------------------------
 
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
-        """Speak `prompts` as one stream read on the running event loop; refusals end the stream."""
+    def submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None = None
+    ) -> AudioStream:
+        """Speak `prompts` as one stream read on the running event loop, within `budgets`; refusals end the stream."""
         if self.closed:
             raise EngineClosed("the Orpheus engine is closed")
         if self._down is not None:
@@ -188,7 +190,7 @@ class EngineClient:
             raise EngineBusy("the engine core is restarting; try again shortly")
         stream = AudioStream(f"{self._name}/{next(self._ids)}", asyncio.get_running_loop(), self._cancel)
         self._streams[stream.request_id] = stream
-        self._send(messages.submit(self._core_pid, stream.request_id, prompts, sampling))
+        self._send(messages.submit(self._core_pid, stream.request_id, prompts, sampling, budgets))
         return stream
 
     @property
@@ -270,11 +272,11 @@ class EngineClient:
         for request_id, pcm in audio:
             stream = self._streams.get(request_id)
             if stream is not None:
-                by_loop[stream.loop].append((stream, np.frombuffer(pcm, dtype=np.float32)))
-        for request_id, kind, field, message in ended:
+                by_loop[stream.loop].append((stream, np.frombuffer(pcm, dtype=np.float32), None))
+        for request_id, kind, field, message, reason in ended:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
-                by_loop[stream.loop].append((stream, messages.error_of(kind, field, message)))
+                by_loop[stream.loop].append((stream, messages.error_of(kind, field, message), reason))
         _hand_over(by_loop)
 
     def _lost(self, why: str) -> None:
@@ -310,7 +312,7 @@ class EngineClient:
         streams, self._streams = self._streams, {}
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for stream in streams.values():
-            by_loop[stream.loop].append((stream, error))
+            by_loop[stream.loop].append((stream, error, None))
         _hand_over(by_loop)
 
     def __repr__(self) -> str:
@@ -335,12 +337,12 @@ def _hand_over(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:
             loop.call_soon_threadsafe(_put_all, items)
 
 
-def _put_all(items: list[tuple[AudioStream, np.ndarray | BaseException | None]]) -> None:
-    for stream, item in items:
+def _put_all(items: list[tuple[AudioStream, np.ndarray | BaseException | None, str | None]]) -> None:
+    for stream, item, reason in items:
         if isinstance(item, np.ndarray):
             stream.put(item)
         else:
-            stream.finish(item)
+            stream.finish(item, reason)
 
 
 @atexit.register

@@ -52,10 +52,12 @@ class EngineCores:
         """Each core's directory (its sockets and configuration), in device order."""
         return [core.addresses.directory for core in self.cores]
 
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
+    def submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None = None
+    ) -> AudioStream:
         """Speak `prompts` on the healthy core with the most room (with none, the first says why it cannot)."""
         up = [core for core in self.cores if core.healthy]
-        return min(up, key=lambda core: core.load, default=self.cores[0]).submit_prompts(prompts, sampling)
+        return min(up, key=lambda core: core.load, default=self.cores[0]).submit_prompts(prompts, sampling, budgets)
 
     @property
     def active_requests(self) -> int:

@@ -4,7 +4,8 @@ To the core (one PULL socket, every client PUSHes to it): `submit` and `cancel`,
 core it was meant for (its pid: a request queued while a core restarted must not reach the new
 one), and `stop`. From the core (one PUB socket, each client subscribes to its own topic and to
 `BROADCAST`): one `step` per engine step and client, with every request's new PCM (float32
-bytes, in order) and every request that ended (with the kind of error when it did not finish),
+bytes, in order) and every request that ended (with the kind of error when it did not finish, and
+why its audio ended when it did: `engine.guard`'s reasons),
 and on `BROADCAST` a `beat` with the core's pid, its load and the engine's counters, at every
 change and at least every `BEAT_S` (a client that hears none knows its core is gone). A core
 that cannot start writes why to `FAILED` in its directory and exits.
@@ -36,7 +37,8 @@ BEAT_S = 0.25  # the longest a core stays silent
 BROADCAST = b"*\0"
 FAILED = "failed.json"  # in the core's directory: why it could not start
 
-Ended = tuple[str, str | None, str, str]  # (request id, error kind or None when finished, field, message)
+# (request id, error kind or None when finished, field, message, why it finished or None)
+Ended = tuple[str, str | None, str, str, str | None]
 _KINDS = {"cancelled": RequestCancelled, "busy": EngineBusy, "closed": EngineClosed, "internal": EngineFailed}
 
 
@@ -72,9 +74,11 @@ def topic(client: str) -> bytes:
     return client.encode() + b"\0"
 
 
-def submit(core: int, request_id: str, prompts: list[list[int]], sampling: SamplingParams) -> bytes:
-    """Ask core `core` to speak `prompts` as request `request_id` ("client/n")."""
-    return msgpack.packb(["submit", core, request_id, prompts, dataclasses.asdict(sampling)])
+def submit(
+    core: int, request_id: str, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None
+) -> bytes:
+    """Ask core `core` to speak `prompts` as request `request_id` ("client/n"), each piece within its budget."""
+    return msgpack.packb(["submit", core, request_id, prompts, dataclasses.asdict(sampling), budgets])
 
 
 def cancel(core: int, request_id: str) -> bytes:
@@ -101,18 +105,18 @@ def decode(data: bytes) -> list:
     if message[0] == "beat":
         return ["beat", Beat(*message[1:])]
     if message[0] == "submit":
-        return [*message[:4], SamplingParams(**message[4])]
+        return [*message[:4], SamplingParams(**message[4]), *message[5:]]
     return message
 
 
-def ended(request_id: str, error: BaseException | None) -> Ended:
+def ended(request_id: str, error: BaseException | None, reason: str | None = None) -> Ended:
     """How a request's end crosses the process boundary."""
     if error is None:
-        return request_id, None, "", ""
+        return request_id, None, "", "", reason
     if isinstance(error, InvalidRequest):
-        return request_id, "bad_request", error.field, error.reason
+        return request_id, "bad_request", error.field, error.reason, None
     kind = next((kind for kind, cls in _KINDS.items() if isinstance(error, cls)), "internal")
-    return request_id, kind, "", str(error)
+    return request_id, kind, "", str(error), None
 
 
 def error_of(kind: str | None, field: str, message: str) -> BaseException | None:

@@ -41,8 +41,8 @@ class _Sink:
         if not self.cancelled:
             self._core.put(self.request_id, pcm)
 
-    def finish(self, error: BaseException | None = None) -> None:
-        self._core.end(self.request_id, error)
+    def finish(self, error: BaseException | None = None, reason: str | None = None) -> None:
+        self._core.end(self.request_id, error, reason)
 
 
 class EngineCore:
@@ -64,15 +64,22 @@ class EngineCore:
         self._load = (-1, -1)  # (active, queued) as last sent: nothing sent yet
         backend.on_step = self.flush
 
-    def submit(self, core: int, request_id: str, prompts: list[list[int]], sampling: SamplingParams) -> None:
-        """Start a request ("client/n"); a refusal (full, invalid) ends it at once."""
+    def submit(
+        self,
+        core: int,
+        request_id: str,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        budgets: list[int] | None = None,
+    ) -> None:
+        """Start a request ("client/n"), each piece within its budget; a refusal (full, invalid) ends it at once."""
         sink = _Sink(request_id, self)
         with self._lock:
             self._sinks[request_id] = sink
         if core != self.pid:  # sent to a core that has since died: its client has failed it already
             return self.end(request_id, EngineClosed("the engine core restarted"))
         try:
-            self.backend.enqueue(prompts, sampling, sink)
+            self.backend.enqueue(prompts, sampling, sink, budgets)
         except (EngineBusy, InvalidRequest, EngineClosed) as e:
             sink.finish(e)
 
@@ -90,11 +97,11 @@ class EngineCore:
         with self._lock:
             self._audio.append((request_id, pcm))
 
-    def end(self, request_id: str, error: BaseException | None) -> None:
-        """A request ended (once: a later end of the same request is dropped)."""
+    def end(self, request_id: str, error: BaseException | None, reason: str | None = None) -> None:
+        """A request ended, and why (once: a later end of the same request is dropped)."""
         with self._lock:
             if self._sinks.pop(request_id, None) is not None:
-                self._ended.append(messages.ended(request_id, error))
+                self._ended.append(messages.ended(request_id, error, reason))
 
     def flush(self, *, beat: bool = False) -> None:
         """Send each client what the last step produced for it, and a beat if the load changed (or `beat`)."""

@@ -25,9 +25,10 @@ from loguru import logger
 
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import AudioSink, CodecFeed, SnacCodec
-from pipecat_orpheus.config import EngineConfig
+from pipecat_orpheus.config import EngineConfig, GuardConfig
 from pipecat_orpheus.errors import EngineClosed, RequestCancelled
 
+from .guard import DURATION, GUARD_REASONS, LoopDetector
 from .model import OrpheusLM
 from .request import Request, RequestStatus, SamplingParams
 from .runner import ModelRunner
@@ -39,13 +40,15 @@ _WARM_UP_TEXT = "Warm up."
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters since start: steps run, tokens generated and prefilled, SNAC windows decoded, seconds in steps."""
+    """Counters since start: steps, tokens, SNAC windows, seconds in steps, pieces the guard stopped (by reason)."""
 
     steps: int = 0
     decode_tokens: int = 0
     prefill_tokens: int = 0
     codec_windows: int = 0
     busy_s: float = 0.0
+    guard_duration: int = 0
+    guard_loop: int = 0
 
 
 class _SwitchInterval:
@@ -87,7 +90,7 @@ class _WarmUpSink:
     def put(self, pcm) -> None:
         pass
 
-    def finish(self, error: BaseException | None = None) -> None:
+    def finish(self, error: BaseException | None = None, reason: str | None = None) -> None:
         self.done.set()
 
 
@@ -99,12 +102,23 @@ class OrpheusEngine:
         tokenizer: its tokenizer.
         codec: a `SnacCodec` on the same device.
         config: the `engine` section.
+        guard: the `guard` section (loop detection; duration budgets come with each request); None: its defaults.
         enforce_eager: never capture CUDA graphs (tests; always eager on CPU).
     """
 
-    def __init__(self, llm, tokenizer, codec: SnacCodec, *, config: EngineConfig, enforce_eager: bool = False):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        codec: SnacCodec,
+        *,
+        config: EngineConfig,
+        guard: GuardConfig | None = None,
+        enforce_eager: bool = False,
+    ):
         self.config = config
         self.tokenizer = tokenizer
+        guard = guard if guard is not None else GuardConfig()
         self.lm = OrpheusLM(llm, max_positions=config.max_tokens_per_slot)
         self.runner = ModelRunner(self.lm, config, enforce_eager=enforce_eager)
         self.scheduler = Scheduler(
@@ -113,6 +127,7 @@ class OrpheusEngine:
             max_tokens_per_slot=config.max_tokens_per_slot,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
             prefill_tokens_while_decoding=config.prefill_tokens_while_decoding,
+            loops=LoopDetector(config.max_slots, guard) if guard.loop_frames else None,
         )
         self.feed = CodecFeed(codec)
         self._cond = threading.Condition()
@@ -122,6 +137,8 @@ class OrpheusEngine:
         self._closed = False
         self.stats = EngineStats()
         self.on_step: Callable[[], None] | None = None  # called on the step thread after each step's audio is out
+        # tests only: rewrites a step's sampled tokens (decode rows, first tokens) in place before the host applies them
+        self.rewrite_tokens: Callable[[ScheduledStep, list[int], list[int]], None] | None = None
         self._switch_interval = config.switch_interval_ms > 0
         if self._switch_interval:
             _SwitchInterval.acquire(config.switch_interval_ms)
@@ -143,7 +160,7 @@ class OrpheusEngine:
     def from_models(cls, llm, tokenizer, snac, device, config, *, enforce_eager: bool = False) -> OrpheusEngine:
         """An engine over loaded models (`loader.load_models`), captured and warmed up (blocking)."""
         codec = SnacCodec(snac, config.codec, device)
-        engine = cls(llm, tokenizer, codec, config=config.engine, enforce_eager=enforce_eager)
+        engine = cls(llm, tokenizer, codec, config=config.engine, guard=config.guard, enforce_eager=enforce_eager)
         engine.warm_up()
         return engine
 
@@ -154,16 +171,25 @@ class OrpheusEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
-        """Speak `prompts` in order as one stream (call from the event loop that reads it); `EngineBusy` when full."""
+    def submit_prompts(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int] | None = None
+    ) -> AudioStream:
+        """Speak `prompts` in order as one stream (call from the event loop that reads it); `EngineBusy` when full.
+
+        `budgets`: each piece's most audio tokens by the guard's duration budget (None: none).
+        """
         stream = AudioStream(f"orpheus-{next(self._ids)}", asyncio.get_running_loop(), self.cancel)
-        self.enqueue(prompts, sampling, stream)
+        self.enqueue(prompts, sampling, stream, budgets)
         return stream
 
-    def enqueue(self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink) -> None:
+    def enqueue(
+        self, prompts: list[list[int]], sampling: SamplingParams, sink: AudioSink, budgets: list[int] | None = None
+    ) -> None:
         """Speak `prompts` in order into `sink` (any thread; its id must be unique); `EngineBusy` when full."""
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        request = Request(sink.request_id, prompts, sampling, seed, stream=sink, arrival_s=time.perf_counter())
+        request = Request(
+            sink.request_id, prompts, sampling, seed, stream=sink, budgets=budgets, arrival_s=time.perf_counter()
+        )
         with self._cond:
             if self._closed:
                 raise EngineClosed("the Orpheus engine is closed")
@@ -274,7 +300,10 @@ class OrpheusEngine:
             self.runner.launch(step)  # queued behind the step in flight
         if in_flight is not None:
             tokens, first = self.runner.collect()  # wait for the step in flight's tokens
-            self._postprocess(in_flight, tokens.tolist(), first.tolist())
+            tokens, first = tokens.tolist(), first.tolist()
+            if self.rewrite_tokens is not None:
+                self.rewrite_tokens(in_flight, tokens, first)
+            self._postprocess(in_flight, tokens, first)
         self.stats.codec_windows += self.feed.deliver()  # PCM to each request's stream, in order
         return None if step.empty else step
 
@@ -292,7 +321,16 @@ class OrpheusEngine:
             for request in out.finished:
                 self._requests.pop(request.request_id, None)
             frames = [(request.request_id, ids) for request, ids in out.frames]
-            self.feed.push(frames, [r.request_id for r in out.finished], now)
+            self.feed.push(frames, [(r.request_id, r.stop_reason) for r in out.finished], now)
+        for _, reason in out.stopped:
+            if reason == DURATION:
+                self.stats.guard_duration += 1
+            else:
+                self.stats.guard_loop += 1
+        for request in out.finished:
+            if request.stop_reason in GUARD_REASONS:  # once per request, however many of its pieces it stopped
+                seconds = request.num_generated_total / fmt.TOKENS_PER_SECOND
+                logger.warning(f"{self}: guard stopped {request.request_id} ({request.stop_reason}) at {seconds:.1f} s")
         self.stats.decode_tokens += len(step.decode) + len(first)
         self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
 

@@ -10,6 +10,8 @@ from typing import Any
 from pipecat_orpheus.config import SamplingConfig, check_field
 from pipecat_orpheus.errors import ConfigError, InvalidRequest
 
+from .guard import SPEECH_ENDED
+
 _DEFAULTS = SamplingConfig()
 _CHECKED = tuple(f.name for f in dataclasses.fields(SamplingConfig))  # ranges: SamplingConfig's metadata
 
@@ -68,6 +70,7 @@ class Request:
     sampling: SamplingParams
     seed: int  # resolved seed: per-row sampling noise and SNAC noise derive from it
     stream: Any = None  # the caller's AudioStream (the engine's output queue)
+    budgets: list[int] | None = None  # each piece's most audio tokens by the guard's duration budget (None: none)
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     piece: int = 0  # index of the piece being generated
@@ -77,6 +80,8 @@ class Request:
     epoch: int = 0  # pieces started: a decode row scheduled for an earlier piece is stale
     num_generated_total: int = 0  # audio tokens generated over every piece (the noise counter)
     max_new_tokens: int = 0  # this piece's cap, whole frames, set by the scheduler on joining a slot
+    budget_capped: bool = False  # that cap is the piece's duration budget (reaching it is the guard's stop)
+    stop_reason: str = SPEECH_ENDED  # why the request's audio ended: the first guard stop of its pieces, if any
     output_ids: list[list[int]] = field(default_factory=list)  # generated ids per piece (incl. END_OF_SPEECH)
     arrival_s: float = 0.0  # time.perf_counter() at submit; the two below stay None until they happen
     first_token_s: float | None = None  # first audio token sampled

@@ -12,6 +12,9 @@ last step's `postprocess()`, as the engine does to keep the GPU busy while the h
 tokens. A request goes to DECODE when its last prompt chunk is scheduled, and each decode row
 reads the token its previous step sampled on the GPU. A row scheduled past the end of its piece
 (it sampled END_OF_SPEECH in the step before) is stale: `postprocess` drops its token.
+
+The integrity guard (`guard`) ends a piece the same way: at its duration budget (a lower
+`max_new_tokens`, so nothing is scheduled past it) or when `postprocess` finds its frames looping.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pipecat_orpheus.errors import EngineBusy, InvalidRequest
 from pipecat_orpheus.format import END_OF_SPEECH, FRAME_TOKENS
 
+from .guard import DURATION, GUARD_REASONS, LOOP, MAX_TOKENS, SPEECH_ENDED, LoopDetector, worse
 from .request import Request, RequestStatus
 
 
@@ -62,10 +66,11 @@ class ScheduledStep:
 
 @dataclass(slots=True)
 class StepOutput:
-    """What a step produced: completed 7-token frames (in order) and requests that finished."""
+    """What a step produced: completed 7-token frames (in order), requests that finished, pieces the guard stopped."""
 
     frames: list[tuple[Request, list[int]]] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
+    stopped: list[tuple[Request, str]] = field(default_factory=list)  # (request, guard reason), one per piece
 
 
 class Scheduler:
@@ -77,6 +82,7 @@ class Scheduler:
         max_tokens_per_slot: KV-cache positions per slot (prompt + audio tokens).
         prefill_chunk_tokens: prompt tokens prefilled per step over all joining requests.
         prefill_tokens_while_decoding: the same, in a step that also decodes (None: no lower cap).
+        loops: the guard's loop detector over the slots (None: no loop detection).
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class Scheduler:
         max_tokens_per_slot: int,
         prefill_chunk_tokens: int,
         prefill_tokens_while_decoding: int | None = None,
+        loops: LoopDetector | None = None,
     ):
         self.max_slots = max_slots
         self.max_queue = max_queue
@@ -100,6 +107,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._prefilling: deque[Request] = deque()  # PREFILL requests, oldest first
         self._requests: dict[str, Request] = {}  # every waiting or live request by id
+        self.loops = loops
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -198,6 +206,8 @@ class Scheduler:
         for request, token, epoch in zip(step.decode, decode_tokens, step.epochs, strict=True):
             if request.status is RequestStatus.DECODE and request.epoch == epoch:
                 self._append(request, token, out)
+        if self.loops is not None and out.frames:
+            self._check_loops(out)
         return out
 
     # -- internals -------------------------------------------------------------------------
@@ -215,7 +225,12 @@ class Scheduler:
         request.num_scheduled = 0
         request.output_ids.append([])
         room = min(request.sampling.max_tokens, self.max_tokens_per_slot - request.num_prompt_tokens)
-        request.max_new_tokens = room - room % FRAME_TOKENS  # whole frames: SNAC never sees a partial one
+        budget = room if request.budgets is None else max(request.budgets[request.piece], request.sampling.min_tokens)
+        request.budget_capped = budget < room
+        cap = min(budget, room)
+        request.max_new_tokens = cap - cap % FRAME_TOKENS  # whole frames: SNAC never sees a partial one
+        if self.loops is not None:
+            self.loops.reset(request.slot)
         self._prefilling.append(request)
 
     def _append(self, request: Request, token: int, out: StepOutput) -> None:
@@ -226,15 +241,34 @@ class Scheduler:
             request.num_generated_total += 1
             if request.num_generated % FRAME_TOKENS == 0:
                 out.frames.append((request, ids[-FRAME_TOKENS:]))
-        if token == END_OF_SPEECH or request.num_generated >= request.max_new_tokens:
-            if request.piece + 1 < len(request.prompts):
-                request.piece += 1
-                self._start_piece(request)
-            else:
-                self._requests.pop(request.request_id, None)
-                self._release(request)
-                request.status = RequestStatus.FINISHED
-                out.finished.append(request)
+        if token == END_OF_SPEECH:
+            self._end_piece(request, SPEECH_ENDED, out)
+        elif request.num_generated >= request.max_new_tokens:
+            self._end_piece(request, DURATION if request.budget_capped else MAX_TOKENS, out)
+
+    def _end_piece(self, request: Request, reason: str, out: StepOutput) -> None:
+        """The current piece is over (`reason`): the next one starts, or the request finishes."""
+        request.stop_reason = worse(request.stop_reason, reason)
+        if reason in GUARD_REASONS:
+            out.stopped.append((request, reason))
+        if request.piece + 1 < len(request.prompts):
+            request.piece += 1
+            self._start_piece(request)
+        else:
+            self._requests.pop(request.request_id, None)
+            self._release(request)
+            request.status = RequestStatus.FINISHED
+            out.finished.append(request)
+
+    def _check_loops(self, out: StepOutput) -> None:
+        """End the pieces whose newest frame (one per request per step) completes a loop."""
+        live = [(r, ids) for r, ids in out.frames if r.status is RequestStatus.DECODE]  # its piece goes on
+        if not live:
+            return
+        looping = self.loops.check([r.slot for r, _ in live], [ids for _, ids in live])
+        for (request, _), fired in zip(live, looping.tolist(), strict=True):
+            if fired:
+                self._end_piece(request, LOOP, out)
 
     def _release(self, request: Request) -> None:
         slot = request.slot

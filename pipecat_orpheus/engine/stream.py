@@ -30,6 +30,7 @@ class AudioStream:
         self._queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._done = False
+        self.stop_reason: str | None = None  # why the audio ended (`engine.guard`), once it ended normally
 
     # -- producer side (any thread) --------------------------------------------------------
 
@@ -43,8 +44,10 @@ class AudioStream:
         if not self.cancelled:
             self._call(self._queue.put_nowait, pcm)
 
-    def finish(self, error: BaseException | None = None) -> None:
-        """End the stream, normally or with `error` (thread-safe)."""
+    def finish(self, error: BaseException | None = None, reason: str | None = None) -> None:
+        """End the stream, normally (why: `reason`, read as `stop_reason` once iteration ends) or with `error`."""
+        if error is None:
+            self.stop_reason = reason
         self._call(self._queue.put_nowait, error)
 
     def _call(self, fn: Callable, arg: object) -> None:

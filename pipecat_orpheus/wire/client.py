@@ -34,8 +34,9 @@ DEFAULT_PATH = "/api/tts_streaming"
 class Utterance:
     """One utterance's audio as an async iterator of float32 (n,) chunks at 24 kHz.
 
-    Iteration ends at `Done` (or `Cancelled`: then `cancelled` is True); a server `Error` for
-    it raises `EngineBusy` or `ProtocolError`; a dropped connection raises `ConnectionError`.
+    Iteration ends at `Done` (or `Cancelled`: then `cancelled` is True), whose reason is then
+    `stop_reason`; a server `Error` for it raises `EngineBusy` or `ProtocolError`; a dropped
+    connection raises `ConnectionError`.
     """
 
     def __init__(self, id: p.MessageId | None):
@@ -44,6 +45,7 @@ class Utterance:
         self.start_s: float | None = None  # where its first audio sits on that timeline
         self.cancelled = False
         self.finished = False
+        self.stop_reason: str | None = None  # Done's reason: end_of_speech, max_tokens, duration, loop (None: not said)
         self._queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
 
     def word_times(self) -> list[tuple[str, float]]:
@@ -324,6 +326,7 @@ class OrpheusClient:
         elif isinstance(message, p.Done):
             utterance = self._utterances.pop(message.id, None)
             if utterance is not None:
+                utterance.stop_reason = message.reason
                 utterance._end()
         elif isinstance(message, p.Marker):
             _resolve(self._markers, message.id)

@@ -142,7 +142,10 @@ class Connection:
             return
         metrics.PIECES_TOTAL.labels("done" if error is None else "error").inc()
         metrics.PIECE_AUDIO.observe(samples / SAMPLE_RATE)
-        self.session.finished(key, error)
+        reason = audio.stop_reason if error is None else None
+        if reason is not None:
+            metrics.PIECE_STOPS.labels(reason).inc()
+        self.session.finished(key, error, reason)
         self._apply()
 
     def _apply(self) -> None:

@@ -70,6 +70,12 @@ TIME_TO_FIRST_AUDIO = Histogram(
 CHUNK_GAP = Histogram(
     "orpheus_chunk_gap_seconds", "Time between audio chunks of one piece.", buckets=_GAP_BUCKETS, registry=REGISTRY
 )
+PIECE_STOPS = Counter(
+    "orpheus_piece_stops_total",
+    "Pieces spoken to their end, by why the audio ended (end_of_speech, max_tokens, and the guard's duration, loop).",
+    ["reason"],
+    registry=REGISTRY,
+)
 PIECE_AUDIO = Histogram(
     "orpheus_piece_audio_seconds", "Audio generated per piece of text.", buckets=_AUDIO_BUCKETS, registry=REGISTRY
 )

@@ -190,10 +190,15 @@ class Cancelled:
 
 @dataclass(slots=True)
 class Done:
-    """Extension: every message of utterance `id` has been sent."""
+    """Extension: every message of utterance `id` has been sent; `reason` says why its audio ended.
+
+    end_of_speech (the model ended it), max_tokens, or the integrity guard's duration | loop (the
+    first piece the guard stopped). Older servers leave it out.
+    """
 
     type: ClassVar[Literal["Done"]] = "Done"
     id: MessageId = _check(_id)
+    reason: str | None = _check(_opt_str, None)
 
 
 @dataclass(slots=True)

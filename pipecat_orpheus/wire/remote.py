@@ -218,6 +218,11 @@ class RemoteStream:
         self._utterance: Utterance | None = None
         self._chunks = self._receive(text, voice, sampling)
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the utterance's audio ended (the server's `Done.reason`), once it has."""
+        return self._utterance.stop_reason if self._utterance is not None else None
+
     def __aiter__(self) -> RemoteStream:
         return self
 

@@ -10,6 +10,7 @@ socket (`Abort`). It owns the rules that make the protocol safe and ordered:
   connection, so one client cannot starve the others);
 - `Marker` is a barrier: echoed once everything queued before it has been sent;
 - `Cancel` drops queued pieces and unsent output of the matching utterances, then `Cancelled`;
+- `Done` says why the utterance's audio ended: the first integrity-guard stop among its pieces, if any;
 - word times (`Text` out) go with the audio: each word before the `Audio` message that holds its
   estimated start (`text.WordClock`), the rest when its piece ends, timed on the audio the client got;
 - every limit of `LimitsConfig` is checked here, and the outbox is bounded by
@@ -27,6 +28,7 @@ from loguru import logger
 from websockets.frames import CloseCode
 
 from pipecat_orpheus.config import LimitsConfig, VoiceConfig
+from pipecat_orpheus.engine.guard import worse
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, InvalidRequest, ProtocolError
 from pipecat_orpheus.format import SAMPLE_RATE
@@ -198,6 +200,7 @@ class Session:
         self._popped_samples = 0  # audio handed to the socket: the client's timeline
         self._ended = False
         self._voice_warned = False
+        self._stop: tuple[int, str | None] = (-1, None)  # (utterance, why its audio ended so far) for Done
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -286,8 +289,8 @@ class Session:
         if self._unsent_samples > self.limits.max_unsent_audio_s * SAMPLE_RATE:
             self._abort_slow_client(f"over limits.max_unsent_audio_s ({self.limits.max_unsent_audio_s} s) unsent")
 
-    def finished(self, key: int, error: BaseException | None = None) -> None:
-        """Piece `key` ended: normally (None), refused (`EngineBusy`, `InvalidRequest`) or failed."""
+    def finished(self, key: int, error: BaseException | None = None, reason: str | None = None) -> None:
+        """Piece `key` ended: normally (None; why: `reason`), refused (`EngineBusy`, `InvalidRequest`) or failed."""
         piece = self._current
         if self.closed or piece is None or piece.key != key:
             return
@@ -295,8 +298,10 @@ class Session:
         if error is None:
             self._send_words(piece, piece.clock.finish(piece.samples / SAMPLE_RATE))
             self._send_audio(piece, self._framer.flush())
+            utterance, so_far = self._stop
+            self._stop = (piece.utterance, worse(so_far if utterance == piece.utterance else None, reason))
             if piece.last and piece.id is not None:
-                self._send(p.Done(piece.id), piece)
+                self._send(p.Done(piece.id, reason=self._stop[1]), piece)
         else:
             refused = isinstance(error, (EngineBusy, InvalidRequest))  # the request's fault or capacity, not ours
             code = error.code if refused else "internal"

@@ -18,6 +18,7 @@ from pipecat_orpheus import format as fmt
 from pipecat_orpheus.backend import load_backend
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.core import EngineClient, EngineCores
+from pipecat_orpheus.engine.guard import duration_budget
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, EngineFailed, InvalidRequest, ModelLoadError
 from pipecat_orpheus.service import OrpheusTTSService
@@ -79,6 +80,20 @@ async def test_many_streams_share_one_core(tiny_model_dir, core):
     assert all(len(a) > 0 for a in audio)
     await until(lambda: core.active_requests == 0)
     assert core.stats.steps > 0 and core.stats.decode_tokens >= 4 * SEEDED.max_tokens  # the core's own counters
+
+
+async def test_why_the_audio_ended_crosses_the_process(tiny_model_dir, core):
+    """A piece past its duration budget ends as `duration`, one at max_tokens as `max_tokens`; the core counts them."""
+    guard = {"guard.duration_factor": 1.0, "guard.duration_margin_s": 0.5}  # the front's budgets: "Hi." gets 0.7 s
+    speech = speech_for(core, core_config(tiny_model_dir, **guard))
+    before = core.stats.guard_duration
+    runaway = speech.submit("Hi.", sampling=SamplingParams(max_tokens=300, seed=3))
+    capped = speech.submit("Hello there.", sampling=SEEDED)
+    audio = await asyncio.gather(runaway.read_all(), capped.read_all())
+    budget = duration_budget("Hi.", speech.guard) // fmt.FRAME_TOKENS
+    assert (runaway.stop_reason, capped.stop_reason) == ("duration", "max_tokens")
+    assert [len(a) // fmt.SAMPLES_PER_FRAME for a in audio] == [budget, SEEDED.max_tokens // fmt.FRAME_TOKENS]
+    assert await eventually(lambda: core.stats.guard_duration == before + 1, timeout_s=2.0), "not in the core's beat"
 
 
 async def test_cancel_frees_the_slot_at_once(tiny_model_dir, core):

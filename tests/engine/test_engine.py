@@ -3,17 +3,20 @@ import asyncio
 import numpy as np
 import pytest
 
+from pipecat_orpheus import format as fmt
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.codec.feed import decode_wait_s
 from pipecat_orpheus.codec.stream import CodecStream
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.engine import OrpheusEngine, SamplingParams
+from pipecat_orpheus.engine.guard import duration_budget
 from pipecat_orpheus.errors import EngineBusy, RequestCancelled
 from pipecat_orpheus.format import SAMPLES_PER_FRAME
 from pipecat_orpheus.noise import noise_key
 from pipecat_orpheus.reference import ReferenceSynthesizer
 from pipecat_orpheus.speech import speech_for
 from pipecat_orpheus.testing import tiny_model_overrides
+from tests.helpers import GUARD, GUARD_LOOP, forced_by_text, guard_scripts
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_tokens=35, seed=5)
 LONG_TEXT = "First sentence is here. " * 3 + "And the second piece follows it."  # two pieces at 60 chars
@@ -192,3 +195,23 @@ async def test_warm_up_runs_every_first_window_shape_and_leaves_the_engine_idle(
         assert engine.stats.codec_windows >= 2 * requests  # at least a first window and a last one each
     finally:
         engine.close()
+
+
+async def test_guard_stops_a_loop_and_a_runaway_not_a_normal_utterance(tiny_models, tiny_model_dir):
+    """Forced tokens on the tiny model: a loop stops at detection, a runaway at its budget, a normal one at its end."""
+    config = make_config(tiny_model_dir, **{"engine.max_tokens_per_slot": 600, "sampling.max_tokens": 560, **GUARD})
+    llm, tokenizer, snac = tiny_models
+    codec = SnacCodec(snac, config.codec, "cpu")
+    engine = OrpheusEngine(llm, tokenizer, codec, config=config.engine, guard=config.guard)
+    texts = guard_scripts()
+    engine.rewrite_tokens = forced_by_text(tokenizer, config.voices.default, texts)
+    try:
+        speech = speech_for(engine, config)
+        streams = [speech.submit(text) for text in texts]
+        audio = await asyncio.gather(*(s.read_all() for s in streams))
+    finally:
+        engine.close()
+    budget = duration_budget("Hi.", config.guard) // fmt.FRAME_TOKENS
+    assert [s.stop_reason for s in streams] == ["loop", "duration", "end_of_speech"]
+    assert [len(a) // SAMPLES_PER_FRAME for a in audio] == [GUARD_LOOP, budget, 5]  # the loop: to the frame that fired
+    assert (engine.stats.guard_loop, engine.stats.guard_duration) == (1, 1)

@@ -22,7 +22,18 @@ from pipecat_orpheus.pcm import MESSAGE_SAMPLES
 from pipecat_orpheus.speech import open_backend, speech_for
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.server import run, serve
-from tests.helpers import LONG_TEXT, http_get, messages, overrides, pack, until, with_
+from tests.helpers import (
+    GUARD,
+    LONG_TEXT,
+    forced_by_text,
+    guard_scripts,
+    http_get,
+    messages,
+    overrides,
+    pack,
+    until,
+    with_,
+)
 
 
 async def test_kyutai_session(config, synth):
@@ -417,3 +428,27 @@ def test_run_serves_until_sigterm(tiny_model_dir):
     run(cfg)
     thread.join(10)
     assert result == {"code": 1001}
+
+
+async def test_done_says_why_the_audio_ended(tiny_model_dir):
+    """Done carries the guard's reason (loop, duration) or end_of_speech, and /metrics counts the pieces by reason."""
+    engine = {"engine.backend": "batched", "engine.max_slots": 3, "engine.max_tokens_per_slot": 600}
+    cfg = load_config(overrides=overrides(tiny_model_dir, **engine, **{"sampling.max_tokens": 560}, **GUARD))
+    backend = open_backend(cfg)  # the batched engine in this process: its step can be driven
+    backend.rewrite_tokens = forced_by_text(backend.tokenizer, cfg.voices.default, guard_scripts())
+    try:
+        async with serve(cfg, speech_for(backend, cfg), port=0) as server, connect(server.url) as ws:
+            await ws.recv()
+            for id, text in (("loop", "It loops."), ("runaway", "Hi."), ("fine", "All fine.")):
+                await ws.send(pack(type="Speak", text=text, id=id))
+            await ws.send(pack(type="Eos"))
+            got, code = await messages(ws)
+            _, body = await http_get(server.port, "/metrics")
+    finally:
+        backend.close()
+    assert code == 1000
+    assert [(m.id, m.reason) for m in got if isinstance(m, p.Done)] == [
+        ("loop", "loop"), ("runaway", "duration"), ("fine", "end_of_speech"),
+    ]  # fmt: skip
+    for reason in ("loop", "duration", "end_of_speech"):
+        assert f'orpheus_piece_stops_total{{reason="{reason}"}}' in body
