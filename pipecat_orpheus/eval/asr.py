@@ -114,7 +114,10 @@ class PocketSphinx:
 
 
 class FasterWhisper:
-    """Whisper through faster-whisper (CTranslate2), English, beam search, no carried context between utterances."""
+    """Whisper through faster-whisper (CTranslate2): English, beam search, no context between utterances.
+
+    No sampled fallbacks (temperature 0 only): the same audio always gives the same transcript.
+    """
 
     name = "faster-whisper"
 
@@ -137,7 +140,7 @@ class FasterWhisper:
     def transcribe(self, pcm: np.ndarray) -> str:
         """Transcribe one utterance as English."""
         segments, _ = self._model.transcribe(
-            pcm, language="en", beam_size=5, condition_on_previous_text=False, vad_filter=False
+            pcm, language="en", beam_size=5, temperature=0.0, condition_on_previous_text=False, vad_filter=False
         )
         return " ".join(segment.text.strip() for segment in segments)
 

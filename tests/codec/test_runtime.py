@@ -19,13 +19,7 @@ from pipecat_orpheus.pcm import snr_db
 LENGTHS = [1, 2, 3, 4, 5, 6, 9, 200]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny decoder's kernels are too small to split: one thread is faster, and much faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
