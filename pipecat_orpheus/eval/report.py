@@ -13,19 +13,24 @@ from pathlib import Path
 
 from pipecat_orpheus.eval.plots import COLOURS, metric_svg
 
-# (row key, label, bounds: keys of the `eval` section, or a number) of every per-utterance metric
-METRICS: tuple[tuple[str, str, tuple[str | float, ...]], ...] = (
-    ("wer", "word error rate", ("max_wer",)),
-    ("cer", "character error rate", ()),
-    ("lead_silence_s", "leading silence (s)", ("max_edge_silence_s",)),
-    ("trail_silence_s", "trailing silence (s)", ("max_edge_silence_s",)),
-    ("clipped_share", "clipped samples (share)", ("max_clipped_share",)),
-    ("loudness_dbfs", "speech level (dBFS, RMS of non-silent 10 ms)", ("min_loudness_dbfs", "max_loudness_dbfs")),
-    ("pace_ratio", "seconds per letter / the voice's median", ("min_pace_ratio", "max_pace_ratio")),
-    ("repeated_share", "frames in repeated runs (share)", ("max_repeated_share",)),
-    ("stream_db", "streamed vs one offline decode (dB)", ("min_stream_db",)),
-    ("first_audio_s", "first audio (s)", ()),
-    ("rtf", "real-time factor (below 1: faster than real time)", (1.0,)),
+# (row key, column, plot title, bounds: keys of the `eval` section, or a number) of each per-utterance metric
+METRICS: tuple[tuple[str, str, str, tuple[str | float, ...]], ...] = (
+    ("wer", "WER", "word error rate", ("max_wer",)),
+    ("cer", "CER", "character error rate", ()),
+    ("lead_silence_s", "lead s", "leading silence (s)", ("max_edge_silence_s",)),
+    ("trail_silence_s", "trail s", "trailing silence (s)", ("max_edge_silence_s",)),
+    ("clipped_share", "clipped", "clipped samples (share)", ("max_clipped_share",)),
+    (
+        "loudness_dbfs",
+        "dBFS",
+        "speech level (dBFS, RMS of non-silent 10 ms)",
+        ("min_loudness_dbfs", "max_loudness_dbfs"),
+    ),
+    ("pace_ratio", "pace", "seconds per letter / the voice's median", ("min_pace_ratio", "max_pace_ratio")),
+    ("repeated_share", "repeats", "frames in repeated runs (share)", ("max_repeated_share",)),
+    ("stream_db", "stream dB", "streamed vs one offline decode (dB)", ("min_stream_db",)),
+    ("first_audio_s", "first s", "first audio (s)", ()),
+    ("rtf", "RTF", "real-time factor (below 1: faster than real time)", (1.0,)),
 )
 
 # (summary key, label) in the order of the summary table
@@ -88,25 +93,41 @@ def _summary_table(report: dict) -> str:
     rows = []
     for key, label in SUMMARY:
         values = [s["summary"][key] for s in sides]
-        differs = len(sides) == 2 and key in ("flagged", "mean_wer") and _summary_differs(key, values, report)
+        differs = len(sides) == 2 and _summary_differs(key, values, report["bounds"])
         cls = ' class="differs"' if differs else ""
         cells = "".join(f'<td class="num">{_cell(v)}</td>' for v in values)
         rows.append(f"<tr{cls}><th>{escape(label)}</th>{cells}</tr>")
     return f"{changed}<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _summary_differs(key: str, values: list, report: dict) -> bool:
+def _summary_differs(key: str, values: list, bounds: dict) -> bool:
+    """Whether a summary figure differs in a way that matters: flags, mean WER, streaming past its bound."""
     a, b = values
     if a is None or b is None:
         return False
-    return a != b if key == "flagged" else abs(a - b) >= report["bounds"]["wer_difference"]
+    if key == "flagged":
+        return a != b
+    if key == "mean_wer":
+        return abs(a - b) >= bounds["wer_difference"]
+    if key == "min_stream_db":
+        return (a < bounds["min_stream_db"]) != (b < bounds["min_stream_db"])
+    return False
 
 
 def _utterance_table(report: dict) -> str:
-    keys = [key for key, _, _ in METRICS]
-    head = "".join(
-        f"<th>{h}</th>" for h in ("side", "voice", "sentence", "text", "heard", *keys, "audio_s", "guard", "audio")
+    keys = [key for key, _, _, _ in METRICS]
+    columns = (
+        "side",
+        "voice",
+        "sentence",
+        "text",
+        "heard",
+        *(c for _, c, _, _ in METRICS),
+        "audio s",
+        "guard",
+        "audio",
     )
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     rows = []
     for r in _in_table_order(report["utterances"]):
         flags = set(r["flags"])
@@ -138,7 +159,7 @@ def _plots(report: dict) -> str:
     sides = [s["name"] for s in report["sides"]]
     labels = [f"{r['voice']} {r['id']}" for r in rows if r["side"] == sides[0]]
     out = []
-    for key, label, spec in METRICS:
+    for key, _, label, spec in METRICS:
         series = {name: [r[key] for r in rows if r["side"] == name] for name in sides}
         out.append(metric_svg(label, labels, series, bound_values(report["bounds"], spec)))
     return "".join(out)
