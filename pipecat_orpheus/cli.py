@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def _eval(args: argparse.Namespace) -> None:
     base = {**_model_overrides(args), "eval.asr": args.asr}
     sides = plan_sides(args.config, base, parse_assignments(args.set, "--set"), parse_assignments(args.vs, "--vs"))
     sentences = select(args.sentences, args.limit)
-    command = " ".join(["pipecat-orpheus", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "pipecat-orpheus eval"
+    command = shlex.join(["pipecat-orpheus", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "pipecat-orpheus eval"
     report = run_eval(sides, voices=args.voices, sentences=sentences, out_dir=args.output, command=command)
     for side in report["sides"]:
         s = side["summary"]

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from loguru import logger
 
+from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.config import Config, load_config
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import ConfigError, InvalidRequest
@@ -88,7 +89,7 @@ def guard_verdict(stream: SpeechStream) -> str:
     return getattr(stream, "stop_reason", None) or NOT_REPORTED
 
 
-def _speak_all(side: Side, voices: Sequence[str], sentences: Sequence[Sentence]) -> tuple[list[_Take], object]:
+def _speak_all(side: Side, voices: Sequence[str], sentences: Sequence[Sentence]) -> tuple[list[_Take], SnacCodec]:
     """Every sentence in every voice under `side`, one at a time; the takes and the (closed) backend's codec."""
     logger.info(f"eval {side.name}: loading {side.config.model.llm} ({side.config.engine.backend} backend)")
     backend = open_backend(side.config)
@@ -108,7 +109,7 @@ def _speak_all(side: Side, voices: Sequence[str], sentences: Sequence[Sentence])
     return takes, backend.codec
 
 
-def _measure(side: Side, takes: list[_Take], codec, out_dir: Path) -> list[dict]:
+def _measure(side: Side, takes: list[_Take], codec: SnacCodec, out_dir: Path) -> list[dict]:
     """The report rows of one side's takes, without what the ASR adds; writes each take's WAV."""
     cfg = side.config.eval
     rows = []
