@@ -51,7 +51,7 @@ def test_eval_writes_the_report_page_and_wavs_of_both_configurations(tiny_model_
 
 
 def test_eval_refuses_unknown_sentences_voices_and_malformed_overrides(tiny_model_dir, tmp_path, capsys):
-    """A sentence, a voice or a --vs pair that cannot be used is a one-line error before anything loads."""
+    """A sentence, a voice, a --vs pair or a limit that cannot be used is a one-line error before anything loads."""
     base = ["eval", "--model", str(tiny_model_dir / "llm"), "--asr", "pocketsphinx", "-o", str(tmp_path)]
     assert main([*base, "--sentences", "nope"]) == 2
     assert "--sentences" in capsys.readouterr().err
@@ -59,3 +59,5 @@ def test_eval_refuses_unknown_sentences_voices_and_malformed_overrides(tiny_mode
     assert "--vs" in capsys.readouterr().err
     assert main([*base, "--voices", "nobody"]) == 2
     assert "--voices" in capsys.readouterr().err
+    assert main([*base, "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err
