@@ -29,6 +29,7 @@ METRICS: tuple[tuple[str, str, str, tuple[str | float, ...]], ...] = (
     ("pace_ratio", "pace", "seconds per letter / the voice's median", ("min_pace_ratio", "max_pace_ratio")),
     ("repeated_share", "repeats", "frames in repeated runs (share)", ("max_repeated_share",)),
     ("stream_db", "stream dB", "streamed vs one offline decode (dB)", ("min_stream_db",)),
+    ("early_frames", "early", "frames sent before their lookahead (for their playback deadline)", ()),
     ("first_audio_s", "first s", "first audio (s)", ()),
     ("rtf", "RTF", "real-time factor (below 1: faster than real time)", (1.0,)),
 )

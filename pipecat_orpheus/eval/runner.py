@@ -135,6 +135,7 @@ def _measure(side: Side, takes: list[_Take], codec: SnacCodec, out_dir: Path) ->
                 "first_audio_s": take.spoken.first_audio_s,
                 "rtf": real_time_factor(take.spoken.total_s, audio),
                 "stream_db": stream_fidelity_db(codec, audio, take.codes),
+                "early_frames": take.codes.early_frames if take.codes is not None else None,
                 "guard": guard_verdict(take.spoken.stream),
             }
         )

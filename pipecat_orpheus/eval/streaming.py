@@ -13,23 +13,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipecat_orpheus.codec import CodecStream, SnacCodec
+from pipecat_orpheus.codec import CodecStream, SnacCodec, Window
 from pipecat_orpheus.format import FRAME_TOKENS, SAMPLE_RATE
 from pipecat_orpheus.noise import noise_key
 from pipecat_orpheus.pcm import snr_db
 
 
 class _TappedStream(CodecStream):
-    """A codec stream that also keeps every frame pushed into it."""
+    """A codec stream that also keeps every frame pushed into it, and counts those sent before their lookahead."""
 
     def __init__(self, seed: int, left_context: int, lookahead: int):
         super().__init__(noise_key(seed), left_context, lookahead)
         self.seed = seed
+        self.lookahead = lookahead
         self.frames: list[np.ndarray] = []
+        self.early = 0  # frames emitted for their playback deadline with less than the full lookahead
 
-    def push(self, frame_codes: np.ndarray, **live) -> list:
+    def push(self, frame_codes: np.ndarray, **live) -> list[Window]:
         self.frames.append(np.asarray(frame_codes, dtype=np.int64).reshape(FRAME_TOKENS))
-        return super().push(frame_codes, **live)
+        windows = super().push(frame_codes, **live)
+        self.early += sum(w.emit for w in windows if len(w.codes) - w.left - w.emit < self.lookahead)
+        return windows
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,7 @@ class Codes:
 
     seed: int
     frames: np.ndarray = field(repr=False)  # (n, 7) in frame order
+    early_frames: int  # sent before their full lookahead had come (the end of speech aside)
 
 
 class CodecTap:
@@ -63,7 +68,7 @@ class CodecTap:
             raise RuntimeError(f"{len(spoken)} codec streams since the last utterance: the eval speaks one at a time")
         if not spoken:
             return None
-        return Codes(spoken[0].seed, np.stack(spoken[0].frames))
+        return Codes(spoken[0].seed, np.stack(spoken[0].frames), spoken[0].early)
 
 
 def stream_fidelity_db(codec: SnacCodec, streamed: np.ndarray, codes: Codes | None) -> float | None:
