@@ -154,6 +154,10 @@ def _eval(args: argparse.Namespace) -> None:
             f"CER {_num(s['mean_cer'])}; first audio median {_num(s['median_first_audio_s'])} s; "
             f"real-time factor median {_num(s['median_rtf'])}; streamed vs offline worst {_num(s['min_stream_db'])} dB"
         )
+    if len(report["sides"]) == 2:
+        differ = [r for r in report["utterances"] if r["side"] == "B" and r["differs"]]
+        what = sorted({d for r in differ for d in r["differs"]})
+        print(f"B vs A: {len(differ)} utterances differ in what matters" + (f" ({', '.join(what)})" if what else ""))
     print(f"Wrote {args.output / 'index.html'} and {args.output / 'report.json'}")
 
 

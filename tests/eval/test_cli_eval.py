@@ -21,7 +21,7 @@ def test_eval_writes_the_report_page_and_wavs_of_both_configurations(tiny_model_
     argv += ["--set", "sampling.max_tokens=70", "--vs", "engine.backend=reference"]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert printed.count("2 utterances") == 2 and "index.html" in printed
+    assert printed.count(" utterances, ") == 2 and "B vs A: " in printed and "index.html" in printed
 
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["sides"]] == ["A", "B"]
