@@ -1,8 +1,8 @@
 """What `speech.Speech` drives: a backend speaking prompts it has built, and how one is loaded here.
 
 A backend is the batched engine or the reference path, in this process (`load_backend`), or
-the engine core in a process of its own (`core.client.EngineClient`), which loads one of these
-two with `load_backend` on its side.
+engine cores in processes of their own (`core.EngineCores`, one per device), each of which
+loads one of these two with `load_backend` on its side.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Protocol
 
 from pipecat_orpheus.codec import AudioSink
 from pipecat_orpheus.config import Config
+from pipecat_orpheus.engine.engine import EngineStats
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
 
@@ -24,6 +25,7 @@ class Backend(Protocol):
     queued_requests: int
     closed: bool
     healthy: bool  # can speak now (False while an engine core restarts)
+    engine_stats: list[EngineStats]  # each engine's counters (one per engine core; none for the reference path)
 
     def submit_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> AudioStream:
         """Speak `prompts` in order as one stream read on the running event loop; `EngineBusy` when full."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -62,6 +63,7 @@ class EngineConfig:
     core_process: bool = True
     core_restarts: int = field(default=3, metadata=_range(0, 100))
     core_restart_backoff_s: float = field(default=1.0, metadata=_range(0.0, 60.0))
+    devices: tuple[str, ...] | None = None  # one engine core per device; None: the one of model.device
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class SamplingConfig:
     top_p: float = field(default=0.8, metadata=_range(0.0, 1.0, exclusive_lo=True))
     repetition_penalty: float = field(default=1.1, metadata=_range(1.0, 5.0))
     max_tokens: int = field(default=2000, metadata=_range(7, 131072))
+    min_tokens: int = field(default=0, metadata=_range(0, 131072))
     seed: int | None = field(default=None, metadata=_range(0, 2**63 - 1))
 
 
@@ -204,6 +207,11 @@ class Config:
             raise ConfigError("server.workers", "several workers share one port: set server.port (not 0)")
         if self.server.workers > 1 and not self.engine.core_process:
             raise ConfigError("server.workers", "workers share one engine core: set engine.core_process to true")
+        for device in self.engine.devices or ():
+            if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+                raise ConfigError("engine.devices", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if self.engine.devices is not None and len(self.engine.devices) > 1 and not self.engine.core_process:
+            raise ConfigError("engine.devices", "one engine core per device: set engine.core_process to true")
         if self.eval.min_loudness_dbfs > self.eval.max_loudness_dbfs:
             raise ConfigError("eval.min_loudness_dbfs", "must be <= eval.max_loudness_dbfs")
         if self.sampling.max_tokens > self.engine.max_tokens_per_slot:

@@ -188,6 +188,11 @@ class ReferenceSynthesizer:
         """Whether the worker thread runs."""
         return self._worker.is_alive()
 
+    @property
+    def engine_stats(self) -> list:
+        """None: the reference path keeps no engine counters."""
+        return []
+
     def close(self) -> None:
         """Cancel everything queued or running and stop the worker thread."""
         with self._cond:

@@ -18,6 +18,7 @@ import numpy as np
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.backend import Backend, load_backend
 from pipecat_orpheus.config import Config, SamplingConfig, VoiceConfig
+from pipecat_orpheus.engine.engine import EngineStats
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.engine.stream import AudioStream
 from pipecat_orpheus.text import split_text
@@ -66,6 +67,11 @@ class Synthesizer(Protocol):
     @property
     def healthy(self) -> bool:
         """Whether it can speak now (False while an engine core restarts; `/healthz` says 503)."""
+        ...
+
+    @property
+    def engine_stats(self) -> list[EngineStats]:
+        """Each engine core's counters (steps, tokens, busy time), for metrics; empty where unknown."""
         ...
 
     def close(self) -> None:
@@ -142,6 +148,11 @@ class Speech:
         """Whether the backend can speak now."""
         return self.backend.healthy
 
+    @property
+    def engine_stats(self) -> list[EngineStats]:
+        """The backend's engine counters, one entry per engine core."""
+        return self.backend.engine_stats
+
     def close(self) -> None:
         """Stop the backend; everything in flight ends with `RequestCancelled`."""
         self.backend.close()
@@ -151,11 +162,11 @@ class Speech:
 
 
 def open_backend(config: Config) -> Backend:
-    """The configured backend, started (blocking): in an engine core process of its own, or in this one."""
+    """The configured backend, started (blocking): in engine core processes (one per device), or in this one."""
     if config.engine.core_process:
-        from pipecat_orpheus.core.client import EngineClient
+        from pipecat_orpheus.core import EngineCores
 
-        return EngineClient.start(config)
+        return EngineCores.start(config)
     return load_backend(config)
 
 

@@ -59,6 +59,9 @@ def test_env_list_and_bool_values():
         ("model.dtype", "int8", "not one of auto, bfloat16, float16, float32"),
         ("engine.backend", "vllm", "not one of batched, reference"),
         ("server.port", True, "must be an integer"),
+        ("sampling.min_tokens", -1, "range [0, 131072]"),
+        ("engine.devices", ["cuda:0", "gpu1"], "'gpu1' is not a device"),
+        ("engine.devices", [], "non-empty list"),
     ],
 )
 def test_bad_value_names_key_and_range(key, value, expect):
@@ -83,6 +86,9 @@ def test_cross_field_checks():
         load_config(overrides={"server.ping_timeout_s": 1, "server.ping_interval_s": 5}, environ={})
     with pytest.raises(ConfigError, match="sampling.max_tokens"):
         load_config(overrides={"sampling.max_tokens": 4096, "engine.max_tokens_per_slot": 2048}, environ={})
+    with pytest.raises(ConfigError, match="engine.devices.*core_process"):
+        load_config(overrides={"engine.devices": ["cpu", "cpu"], "engine.core_process": False}, environ={})
+    assert load_config(environ={"ORPHEUS_ENGINE_DEVICES": "cuda:0, cuda:1"}).engine.devices == ("cuda:0", "cuda:1")
 
 
 def test_unknown_key_and_section(tmp_path):

@@ -17,17 +17,17 @@ import logging
 import os
 import socket
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
 from loguru import logger
 from websockets.asyncio.client import connect
 
+from bench import serving
+from bench.serving import free_port, healthy, http_status  # noqa: F401  (the scenarios' imports)
 from pipecat_orpheus.wire import protocol as p
 
 KEY = "bench-Key-7f3a9c"  # the servers' one API key; must never reach a log
@@ -211,25 +211,6 @@ async def guarded(findings: Findings, name: str, work):
         return None
 
 
-async def http_status(port: int, path: str, headers: list[tuple[str, str]] = ()) -> int | None:
-    """Status of a raw GET (None if the server closed without answering)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
-    try:
-        line = await asyncio.wait_for(reader.readline(), 10)
-    finally:
-        writer.transport.abort()
-    return int(line.split()[1]) if line.startswith(b"HTTP/1.1") else None
-
-
-async def healthy(port: int) -> bool:
-    try:
-        return await http_status(port, "/healthz") == 200
-    except OSError:
-        return False
-
-
 # -- raw peers that never read, and what the server logs at ERROR -----------------------------------
 
 
@@ -303,37 +284,9 @@ def error_logs():
         logger.remove(sink)
 
 
-# -- a real `pipecat-orpheus serve` in a subprocess --------------------------------------------------
+# -- a real `pipecat-orpheus serve` in a subprocess, holding the one API key --------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@asynccontextmanager
-async def serve_process(overrides: dict, port: int, **env: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`pipecat-orpheus serve` on `overrides` (config keys, passed as ORPHEUS_* variables) and KEY, healthy.
-
-    `env` adds or replaces variables. The process is killed on the way out if it is still running.
-    """
-    settings = {f"ORPHEUS_{k.replace('.', '_').upper()}": str(v) for k, v in overrides.items()}
-    cmd = [sys.executable, "-m", "pipecat_orpheus.cli", "serve", "--port", str(port)]
-    with tempfile.TemporaryFile() as log:  # its stderr, shown if it does not come up
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, env={**os.environ, **settings, "ORPHEUS_API_KEYS": KEY, **env}, stderr=log
-        )
-        try:
-            async with asyncio.timeout(180):
-                while not await healthy(port):
-                    if proc.returncode is not None:
-                        log.seek(0)
-                        tail = log.read().decode(errors="replace")[-1500:]
-                        raise RuntimeError(f"pipecat-orpheus serve exited with {proc.returncode}: {tail}")
-                    await asyncio.sleep(0.1)
-            yield proc
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+def serve_process(overrides: dict, port: int, **env: str):
+    """`bench.serving.serve_process` with `KEY` as the server's one API key (`env` may replace it)."""
+    return serving.serve_process(overrides, port, **{"ORPHEUS_API_KEYS": KEY, **env})

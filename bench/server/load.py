@@ -1,8 +1,10 @@
-"""The server under load, the way users meet it: many WebSocket clients in other processes, over loopback.
+"""The server under load, the way users meet it: `pipecat-orpheus serve` and many WebSocket clients, in processes.
 
-This process runs the server (pipecat_orpheus/wire/server.py) and its speech source; the clients
-are `--client-procs` processes of `bench.server.load_client`, each running its share of the
-streams on one event loop and printing a JSON line per utterance. Per level, mode and format:
+This process starts a real `pipecat-orpheus serve` (its configuration as `ORPHEUS_*` variables:
+the shipped orpheus_config.yaml, the model, `--set`; `--workers N` server processes, engine
+cores on `engine.devices`) and `--client-procs` processes of `bench.server.load_client`, each
+running its share of the streams on one event loop and printing a JSON line per utterance. Per
+level, mode and format:
 
 burst  N streams arrive within 1 s (evenly spread): each connects, speaks one sentence of
        ~`--prompt-tokens` prompt tokens (Kyutai `Text` words then `Eos`, or `Speak` with
@@ -14,9 +16,8 @@ churn  N conversations for `--duration-s`: `Speak`, read to `Done`, wait until t
 Figures: time to first audio (send -> first `Audio`) p50/p95/p99; late chunks (an `Audio` that
 arrives after the audio before it has finished playing, playback starting at the first one),
 the streams that had one and the worst lateness; the cancel round trip; and the server's own
-`/metrics` (its TTFA histogram, pieces, errors) and engine counters over the run. Every
-utterance is forced to `--audio-tokens` (END_OF_SPEECH masked until then), since random weights
-stop at random.
+`/metrics` over the run (its TTFA histogram, pieces, errors, each engine core's counters).
+Every utterance is `--audio-tokens` long (`sampling.min_tokens`: random weights stop at random).
 
 python3 -m bench.server.load --random-weights --out $OUT/server_load.json      # GPU, real-size random model
 python3 -m bench.server.load --tiny --device cpu --levels 2 4 --mode burst churn --duration-s 5 \
@@ -29,7 +30,9 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -40,14 +43,17 @@ import yaml
 from bench.server import scrape
 from bench.server.report import summarize, table
 from pipecat_orpheus.config import Config, load_config
+from pipecat_orpheus.wire.server import STREAM_PATHS
 
 ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 120.0  # the client processes started
+CORE_RESTART_TIMEOUT_S = 900.0  # a killed engine core back (its model loaded again)
+SERVE_TIMEOUT_S = 900.0  # `serve` started -> /healthz 200 (loading, CUDA graphs, compiles on a cold GPU)
 START_MARGIN_S = 0.5  # from `go` to T0: every process has read it before the first arrival
 FORMATS = ("PcmMessagePack", "Pcm16MessagePack")
 SETTINGS = (
     "levels", "mode", "formats", "client_procs", "burst_protocol", "spread_s", "duration_s", "pause_s",
-    "cancel_fraction", "audio_tokens", "set",
+    "cancel_fraction", "audio_tokens", "workers", "kill_core_after_s", "set",
 )  # fmt: skip
 # Words for the texts: no sentence ends inside, so the server's sentence splitter keeps one piece each.
 WORDS = (
@@ -57,25 +63,12 @@ WORDS = (
 ).split()
 
 
-class ForcedLength:
-    """`synth` with every request's END_OF_SPEECH masked until its `max_tokens` (full-length utterances)."""
-
-    def __init__(self, synth):
-        self.synth = synth
-
-    def submit(self, text, *, voice=None, sampling=None):
-        forced = dataclasses.replace(sampling, min_tokens=sampling.max_tokens) if sampling is not None else None
-        return self.synth.submit(text, voice=voice, sampling=forced)
-
-    def __getattr__(self, name):  # active_requests, queued_requests, closed, healthy, close, backend
-        return getattr(self.synth, name)
-
-
-def bench_config(args, **extra) -> Config:
-    """The configuration a load bench runs with: its model and utterance length, `extra`, then `--set`."""
+def bench_overrides(args, **extra) -> dict:
+    """The config keys a load bench sets: its model, full-length utterances, `extra`, then `--set`."""
     overrides = {
         "model.device": args.device,
         "sampling.max_tokens": args.audio_tokens,
+        "sampling.min_tokens": args.audio_tokens,  # random weights would stop at random
         "engine.core_process": args.core_process,  # None: as the configuration says (shipped: true)
         **extra,
     }
@@ -87,14 +80,12 @@ def bench_config(args, **extra) -> Config:
         if args.random_weights:
             overrides["model.dtype"] = "bfloat16"
     overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
-    return load_config(args.config, overrides=overrides)
+    return overrides
 
 
-def start_speech(config: Config):
-    """The server's speech source (blocking): in a core child process or in this one (`engine.core_process`)."""
-    from pipecat_orpheus.speech import load_synthesizer
-
-    return load_synthesizer(config)
+def bench_config(args, **extra) -> Config:
+    """The configuration a load bench runs with (`bench_overrides` over `--config`)."""
+    return load_config(args.config, overrides=bench_overrides(args, **extra))
 
 
 def make_texts(tokenizer, voice: str, prompt_tokens: int, count: int) -> tuple[list[str], list[int]]:
@@ -115,36 +106,40 @@ def make_texts(tokenizer, voice: str, prompt_tokens: int, count: int) -> tuple[l
     return texts, lengths
 
 
-def engine_counters(synth) -> dict | None:
-    """The engine's counters, in this process or as the engine core last reported them (None: the reference path)."""
-    stats = getattr(getattr(synth, "backend", None), "stats", None)
-    if stats is None:
-        return None
-    return {k: getattr(stats, k) for k in ("steps", "busy_s", "decode_tokens", "prefill_tokens", "codec_windows")}
+COUNTERS = ("steps", "busy_s", "decode_tokens", "prefill_tokens", "codec_windows")  # `EngineStats` fields
 
 
-def engine_delta(before: dict | None, after: dict | None, wall_s: float) -> dict | None:
-    if before is None or after is None:
+def engine_delta(before: list[dict], after: list[dict], wall_s: float) -> dict | None:
+    """The engine cores' work over a run (each core's counters before and after; none for the reference path).
+
+    A core restarted during the run counts from zero again: its figures are then those since the restart.
+    """
+    if not before or len(before) != len(after):
         return None
-    d = {k: after[k] - before[k] for k in before}
+    restarted = [a["steps"] < b["steps"] for b, a in zip(before, after, strict=True)]
+    per_core = [
+        {k: a[k] - (0 if new else b[k]) for k in COUNTERS} for b, a, new in zip(before, after, restarted, strict=True)
+    ]
+    d = {k: sum(core[k] for core in per_core) for k in COUNTERS}
     return {
         "steps": d["steps"],
         "mean_step_ms": round(d["busy_s"] / max(d["steps"], 1) * 1e3, 3),
-        "busy_fraction": round(d["busy_s"] / wall_s, 3),
+        "busy_fraction": round(d["busy_s"] / wall_s / len(per_core), 3),  # of each core, on average
         "decode_tok_s": round(d["decode_tokens"] / wall_s, 1),
         "prefill_tokens": d["prefill_tokens"],
         "codec_windows": d["codec_windows"],
+        "decode_tokens_by_core": [core["decode_tokens"] for core in per_core],
     }
 
 
-def make_job(args, server, level: int, mode: str, fmt: str, texts: list[str], expected_samples: int) -> dict:
+def make_job(args, url: str, level: int, mode: str, fmt: str, texts: list[str], expected_samples: int) -> dict:
     streams = [
         {"conv": i, "offset_s": args.spread_s * i / level, "seed": 1000 * level + i,
          "texts": [texts[(i + 5 * k) % len(texts)] for k in range(8)]}
         for i in range(level)
     ]  # fmt: skip
     return {
-        "url": server.url,
+        "url": url,
         "mode": mode,
         "format": fmt,
         "protocol": args.burst_protocol,
@@ -200,15 +195,41 @@ async def run_clients(job: dict, procs: int) -> tuple[list[dict], float, float]:
     return records, t0, time.monotonic()
 
 
-async def run_level(args, server, synth, level: int, mode: str, fmt: str, texts, expected_samples: int) -> dict:
-    job = make_job(args, server, level, mode, fmt, texts, expected_samples)
-    before, counters = await scrape.scrape(server.port), engine_counters(synth)
-    async with scrape.Peaks(server.port) as peaks:
+async def kill_a_core(port: int, server_pid: int, after_s: float) -> dict:
+    """SIGKILL the first engine core about `after_s` into a run (from its clients' start); /healthz and the restart."""
+    from bench.serving import engine_cores, healthy
+
+    await asyncio.sleep(START_MARGIN_S + after_s)
+    victim = engine_cores(server_pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed, down = time.monotonic(), None
+    figure = {"killed_pid": victim, "killed": killed}
+    while time.monotonic() - killed < CORE_RESTART_TIMEOUT_S:
+        up = await healthy(port)
+        if not up and down is None:
+            down = time.monotonic()
+        elif up and down is not None:
+            back = time.monotonic()
+            return figure | {"healthz_503_after_s": round(down - killed, 3), "back_after_s": round(back - killed, 3)}
+        await asyncio.sleep(0.05)
+    return figure | {"back_after_s": None}
+
+
+async def run_level(args, port: int, server_pid: int, level: int, mode: str, fmt: str, texts, expected: int) -> dict:
+    job = make_job(args, f"ws://127.0.0.1:{port}{STREAM_PATHS[0]}", level, mode, fmt, texts, expected)
+    before = await scrape.scrape(port)
+    after_s = args.kill_core_after_s
+    kill = asyncio.create_task(kill_a_core(port, server_pid, after_s)) if after_s is not None else None
+    async with scrape.Peaks(port) as peaks:
         records, t0, end = await run_clients(job, args.client_procs)
     wall = end - t0
+    after = await scrape.scrape(port)
     figures = summarize(records, level=level, mode=mode, fmt=fmt, wall_s=wall)
-    figures["server"] = scrape.delta(before, await scrape.scrape(server.port)) | {"peaks": peaks.peaks}
-    figures["engine"] = engine_delta(counters, engine_counters(synth), wall)
+    figures["server"] = scrape.delta(before, after) | {"peaks": peaks.peaks}
+    figures["engine"] = engine_delta(scrape.engine_counters(before), scrape.engine_counters(after), wall)
+    if kill is not None:
+        figures["core_kill"] = await kill
+        figures["core_kill"]["killed_at_s"] = round(figures["core_kill"].pop("killed") - t0, 3)
     return figures
 
 
@@ -223,35 +244,47 @@ def device_name(args) -> str:
 
 async def bench(args) -> dict:
     from bench.common import command_line
+    from bench.serving import free_port, serve_process
     from pipecat_orpheus.format import SAMPLE_RATE
-    from pipecat_orpheus.wire.server import serve
+    from pipecat_orpheus.loader import load_tokenizer
 
-    config = bench_config(args, **{"limits.max_connections": max(args.levels) + 16})
-    synth = await asyncio.to_thread(start_speech, config)
-    texts, prompt_lengths = make_texts(synth.backend.tokenizer, config.voices.default, args.prompt_tokens, 64)
+    extra = {"limits.max_connections": max(args.levels) + 16, "server.workers": args.workers}
+    overrides = bench_overrides(args, **extra)
+    config = load_config(args.config, overrides=overrides)  # checked here before a server starts on it
+    texts, prompt_lengths = make_texts(load_tokenizer(config.model.llm), config.voices.default, args.prompt_tokens, 64)
     expected_samples = args.audio_tokens // 7 * 2048  # whole SNAC frames
     runs = []
-    try:
-        async with serve(config, ForcedLength(synth), port=0, api_keys=[]) as server:
-            # Not recorded: first connections, allocator, and the engine's first cancels and mixed
-            # joins (a first churn run on an H200 stalled once for ~0.8 s; later ones did not).
-            warm, warm_args = min(8, max(args.levels)), argparse.Namespace(**vars(args))
-            warm_args.duration_s, warm_args.cancel_fraction = min(3.0, args.duration_s), 0.5
-            for mode in ("burst", "churn"):
-                await run_level(warm_args, server, synth, warm, mode, FORMATS[0], texts, expected_samples)
-            for level in args.levels:
-                for mode in args.mode:
-                    for fmt in args.formats:
-                        runs.append(await run_level(args, server, synth, level, mode, fmt, texts, expected_samples))
-                        print(table(runs[-1:], header=len(runs) == 1), flush=True)
-    finally:
-        synth.close()
+    port = free_port()
+    environment = {"ORPHEUS_API_KEYS": "", "LOGURU_LEVEL": args.log_level}  # no auth on loopback; quiet logs
+    served = serve_process(overrides, port, config_path=args.config, ready_timeout_s=SERVE_TIMEOUT_S, **environment)
+    started = time.monotonic()
+    async with served as server:
+        ready_s = time.monotonic() - started  # process start -> /healthz 200: load, graphs, compiles
+        # Not recorded: first connections, allocator, and the engine's first cancels and mixed
+        # joins (a first churn run on an H200 stalled once for ~0.8 s; later ones did not).
+        warm, warm_args = min(8, max(args.levels)), argparse.Namespace(**vars(args))
+        warm_args.duration_s, warm_args.cancel_fraction = min(3.0, args.duration_s), 0.5
+        warm_args.kill_core_after_s = None
+        for mode in ("burst", "churn"):
+            await run_level(warm_args, port, server.pid, warm, mode, FORMATS[0], texts, expected_samples)
+        for level in args.levels:
+            for mode in args.mode:
+                for fmt in args.formats:
+                    runs.append(await run_level(args, port, server.pid, level, mode, fmt, texts, expected_samples))
+                    print(table(runs[-1:], header=len(runs) == 1), flush=True)
     print("\n" + table(runs), flush=True)
+    devices = config.engine.devices or (config.model.device,)
     return {
-        "what": "the server under load: clients in other processes over loopback, burst and churn",
+        "what": "the server under load: `pipecat-orpheus serve` and clients in other processes over loopback",
         "command": command_line(),
         "device": device_name(args),
-        "speech": "engine core process" if config.engine.core_process else "engine in the server process",
+        "speech": (
+            f"{len(devices)} engine core process(es) on {', '.join(devices)}"
+            if config.engine.core_process
+            else "engine in the server process"
+        ),
+        "workers": config.server.workers,
+        "serve_ready_s": round(ready_s, 1),
         "model": "tiny" if args.tiny else ("real-size random weights" if args.random_weights else config.model.llm),
         "settings": {k: getattr(args, k) for k in SETTINGS}
         | {
@@ -293,6 +326,8 @@ def main() -> None:
     ap.add_argument(
         "--core-process", action=argparse.BooleanOptionalAction, help="the engine in a core process (default: config)"
     )
+    ap.add_argument("--kill-core-after-s", type=float, default=None, help="SIGKILL core 0 so far into each run")
+    ap.add_argument("--workers", type=int, default=None, help="server processes (server.workers; default: config)")
     ap.add_argument("--log-level", default="WARNING", help="the server's log level (loguru)")
     ap.add_argument("--out", default="bench/results/server_load.json")
     args = ap.parse_args()

@@ -12,6 +12,8 @@ import math
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipecat_orpheus.wire.metrics import ENGINE_COUNTERS
+
 Sample = tuple[str, tuple[tuple[str, str], ...]]  # (name, sorted labels)
 GAUGES = (
     "orpheus_open_connections",
@@ -87,6 +89,16 @@ def delta(before: dict[Sample, float], after: dict[Sample, float]) -> dict:
         **{key: _counter(name, before, after) for key, name in COUNTERS.items()},
         "audio_s": round(after.get(AUDIO, 0.0) - before.get(AUDIO, 0.0), 2),
     }
+
+
+def engine_counters(samples: dict[Sample, float]) -> list[dict[str, float]]:
+    """Each engine core's counters in a scrape, by `EngineStats` field, in core order."""
+    cores: dict[int, dict[str, float]] = {}
+    for field, gauge in ENGINE_COUNTERS.items():
+        for (name, labels), value in samples.items():
+            if name == gauge._name and labels and labels[0][0] == "core":
+                cores.setdefault(int(labels[0][1]), {})[field] = value
+    return [cores[i] for i in sorted(cores)]
 
 
 class Peaks:

@@ -14,8 +14,8 @@ Figures per level: time to first audio (`TTSSpeakFrame` queued -> first audio fr
 late chunks (a frame arriving after first arrival + the duration of the audio before it), the
 conversations that had one and the worst lateness; the interruption's stop time; the engine's
 counters (mean step, decode tokens/s); the bot's CPU seconds per second (the event loop's thread
-and the whole process) and the event loop's lag. Every utterance is forced to `--audio-tokens`
-(END_OF_SPEECH masked until then), since random weights stop at random.
+and the whole process) and the event loop's lag. Every utterance is `--audio-tokens` long
+(`sampling.min_tokens`), since random weights stop at random.
 
 python3 -m bench.service.pipelines --random-weights --out $OUT/service_pipelines.json   # GPU, real-size random model
 python3 -m bench.service.pipelines --tiny --device cpu --levels 2 4 --duration-s 5 --out /tmp/pipelines.json  # CPU
@@ -37,7 +37,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-from bench.server.load import bench_config, device_name, engine_counters, engine_delta, make_texts
+from bench.server.load import bench_config, device_name, engine_delta, make_texts
 from bench.server.report import ms_summary
 from bench.service.conversation import Recorder, Utterance, converse
 from bench.service.report import summarize, table
@@ -84,6 +84,11 @@ class Load:
         }
 
 
+def engine_counters(synth) -> list[dict]:
+    """Each engine core's counters, as `engine_delta` takes them."""
+    return [dataclasses.asdict(stats) for stats in synth.engine_stats]
+
+
 async def run_level(args, config: Config, synth, level: int, texts, expected: int, *, duration_s, fraction) -> dict:
     """N pipelines started together, N conversations for `duration_s`, then EndFrame to each."""
     params = PipelineParams(audio_out_sample_rate=SAMPLE_RATE)  # the engine's rate: no resampling
@@ -106,7 +111,7 @@ async def run_level(args, config: Config, synth, level: int, texts, expected: in
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             await asyncio.gather(*(ev.wait() for ev in started))
-        counters, forced = engine_counters(synth), synth.submit.calls
+        counters = engine_counters(synth)
         t0 = time.monotonic() + START_MARGIN_S
         async with Load() as load:
             await asyncio.gather(
@@ -126,32 +131,9 @@ async def run_level(args, config: Config, synth, level: int, texts, expected: in
             await runner.cancel()
             await running
     figures = summarize([u.to_dict() for u in utterances], level, wall)  # TTSStoppedFrames came since
-    figures["forced_submits"] = synth.submit.calls - forced
     figures["bot"] = load.figures
     figures["engine"] = engine_delta(counters, engine_counters(synth), wall)
     return figures
-
-
-class ForcedSubmit:
-    """A shared front's `submit` with END_OF_SPEECH masked until `max_tokens`; counts the requests it forced."""
-
-    def __init__(self, synth):
-        self.submit, self.sampling, self.calls = synth.submit, synth.sampling, 0
-
-    def __call__(self, text, *, voice=None, sampling=None):
-        sampling = sampling or self.sampling
-        self.calls += 1
-        return self.submit(text, voice=voice, sampling=dataclasses.replace(sampling, min_tokens=sampling.max_tokens))
-
-
-def force_full_length(synth) -> None:
-    """Every request of the shared front `synth` full length (random weights stop at random).
-
-    The service has no setting for `min_tokens`, but it speaks from `load_synthesizer(config)`,
-    the object given here: its `submit` is replaced on this instance, for this process. Each
-    level reports how many requests went through it (`forced_submits`, one per utterance).
-    """
-    synth.submit = ForcedSubmit(synth)
 
 
 async def bench(args) -> dict:
@@ -159,7 +141,6 @@ async def bench(args) -> dict:
 
     config = bench_config(args)
     synth = await asyncio.to_thread(load_synthesizer, config)  # the front every service will get
-    force_full_length(synth)
     texts, prompt_lengths = make_texts(synth.backend.tokenizer, config.voices.default, args.prompt_tokens, 64)
     expected = args.audio_tokens // 7 * SAMPLES_PER_FRAME  # whole SNAC frames
     levels = []

@@ -10,5 +10,12 @@ from pipecat_orpheus.codec.snac import SnacDecoder, hashed_normal
 from pipecat_orpheus.codec.stream import CodecStream, Window
 
 __all__ = [
-    "AudioSink", "CodecFeed", "CodecStream", "DecodedAudio", "SnacCodec", "SnacDecoder", "Window", "hashed_normal",
+    "AudioSink",
+    "CodecFeed",
+    "CodecStream",
+    "DecodedAudio",
+    "SnacCodec",
+    "SnacDecoder",
+    "Window",
+    "hashed_normal",
 ]

@@ -28,6 +28,8 @@ from pipecat_orpheus.graphs import capture, window_buckets
 from pipecat_orpheus.noise import noise_key
 
 _EDGE_MAX_BATCH = 16  # largest graphed batch of first-frame and tail windows: few streams start or end per step
+
+
 class DecodedAudio:
     """The PCM of one `SnacCodec.launch`, one float32 array per window, once the GPU has got there."""
 

@@ -138,15 +138,25 @@ class EngineClient:
     @classmethod
     def start(cls, config: Config) -> EngineClient:
         """Start a core of its own and wait until it serves (blocking: minutes on a cold GPU)."""
-        owner = CoreProcess(config)  # the core starts loading now
-        client = cls(config, owner.addresses, owner)
+        return cls.start_all([config])[0]
+
+    @classmethod
+    def start_all(cls, configs: list[Config]) -> list[EngineClient]:
+        """A core per configuration, loading side by side; returns once every one serves."""
+        owners = [CoreProcess(config) for config in configs]  # each starts loading now
+        clients = [cls(config, owner.addresses, owner) for config, owner in zip(configs, owners, strict=True)]
         try:
-            client._open()
+            for client in clients:
+                client._open()
         except BaseException:
-            client._context.destroy(linger=0)
-            owner.stop()
+            for client in clients:
+                if client._receiver is not None:  # it serves: stop it as any owner does
+                    client.close()
+                else:
+                    client._context.destroy(linger=0)
+                    client.owner.stop()
             raise
-        return client
+        return clients
 
     @classmethod
     def attach(cls, config: Config, addresses: messages.Addresses) -> EngineClient:
@@ -180,6 +190,16 @@ class EngineClient:
         self._streams[stream.request_id] = stream
         self._send(messages.submit(self._core_pid, stream.request_id, prompts, sampling))
         return stream
+
+    @property
+    def load(self) -> int:
+        """Requests the core holds: as its last beat counted every client's, or this client's in flight if more."""
+        return max(self.active_requests + self.queued_requests, len(self._streams))
+
+    @property
+    def engine_stats(self) -> list[EngineStats]:
+        """The core's engine counters as of its last beat (none for the reference path)."""
+        return [self.stats] if self.stats is not None else []
 
     def close(self) -> None:
         """Stop listening (and stop the core if this client started it); streams in flight end cancelled."""

@@ -206,6 +206,11 @@ class OrpheusEngine:
         """Whether the step thread runs."""
         return self._thread.is_alive()
 
+    @property
+    def engine_stats(self) -> list[EngineStats]:
+        """The counters, as a list: a `Backend` may hold several engines."""
+        return [self.stats]
+
     def close(self) -> None:
         """Stop the step thread; every request in flight (or with audio not yet decoded) ends with RequestCancelled."""
         with self._cond:

@@ -22,8 +22,8 @@ class SamplingParams:
     top_p: float = _DEFAULTS.top_p
     repetition_penalty: float = _DEFAULTS.repetition_penalty
     max_tokens: int = _DEFAULTS.max_tokens
+    min_tokens: int = _DEFAULTS.min_tokens
     seed: int | None = _DEFAULTS.seed
-    min_tokens: int = 0  # END_OF_SPEECH is masked until this many audio tokens (benchmarks force full length)
 
     def __post_init__(self) -> None:
         for name in _CHECKED:
@@ -31,8 +31,6 @@ class SamplingParams:
                 check_field(SamplingConfig, name, getattr(self, name))
             except ConfigError as e:
                 raise InvalidRequest(name, e.reason) from None
-        if self.min_tokens < 0:
-            raise InvalidRequest("min_tokens", f"{self.min_tokens} is negative")
 
     @classmethod
     def from_config(cls, config: SamplingConfig, **overrides: object) -> SamplingParams:

@@ -73,11 +73,23 @@ def plan_sides(
     config_path: str | None, base: Mapping[str, object], changes: Mapping[str, object], vs: Mapping[str, object]
 ) -> list[Side]:
     """Side A (the configuration with `changes`) and, when `vs` is given, side B (A with `vs` on top)."""
-    sides = [Side("A", dict(changes), load_config(config_path, overrides={**base, **changes, **IN_PROCESS}))]
+    sides = [Side("A", dict(changes), _in_process(config_path, {**base, **changes}))]
     if vs:
         merged = {**changes, **vs}
-        sides.append(Side("B", merged, load_config(config_path, overrides={**base, **merged, **IN_PROCESS})))
+        sides.append(Side("B", merged, _in_process(config_path, {**base, **merged})))
     return sides
+
+
+def _in_process(config_path: str | None, overrides: Mapping[str, object]) -> Config:
+    """The configuration with its engine in this process, on its one device (`engine.devices` or `model.device`)."""
+    devices = load_config(config_path, overrides=overrides).engine.devices
+    if devices is not None and len(devices) > 1:
+        raise ConfigError(
+            "engine.devices",
+            "the eval runs one engine, in its own process: name one device (--set engine.devices=[cuda:0])",
+        )
+    device = {"model.device": devices[0]} if devices else {}
+    return load_config(config_path, overrides={**overrides, **device, **IN_PROCESS})
 
 
 def guard_verdict(stream: SpeechStream) -> str:

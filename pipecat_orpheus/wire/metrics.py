@@ -46,6 +46,18 @@ ENGINE_QUEUED = Gauge(
     "orpheus_engine_queued_requests", "Requests waiting for an engine slot.", multiprocess_mode="mostrecent",
     registry=REGISTRY,
 )  # fmt: skip
+# Each engine core's own counters since it started, as its last beat said, by `EngineStats` field;
+# label: the core's index in `engine.devices`.
+ENGINE_COUNTERS = {
+    field: Gauge(f"orpheus_engine_{name}", help_text, ["core"], multiprocess_mode="mostrecent", registry=REGISTRY)
+    for field, name, help_text in (
+        ("steps", "steps", "Engine steps run."),
+        ("busy_s", "busy_seconds", "Seconds the engine spent in steps."),
+        ("decode_tokens", "decode_tokens", "Audio tokens generated."),
+        ("prefill_tokens", "prefill_tokens", "Prompt tokens prefilled."),
+        ("codec_windows", "codec_windows", "SNAC windows decoded."),
+    )
+}
 PIECES_TOTAL = Counter(
     "orpheus_pieces_total", "Pieces of text by outcome (done, cancelled, error, busy).", ["outcome"], registry=REGISTRY
 )
@@ -67,10 +79,16 @@ AUDIO_SECONDS_TOTAL = Counter(
 ERRORS_TOTAL = Counter("orpheus_errors_total", "Error messages sent, by code.", ["code"], registry=REGISTRY)
 
 
-def render(active_requests: int, queued_requests: int) -> tuple[bytes, str]:
-    """The exposition text of every metric (of every worker) and its content type, with the engine's load now."""
+def render(active_requests: int, queued_requests: int, engine_stats: list) -> tuple[bytes, str]:
+    """The exposition text of every metric (of every worker) and its content type, with the engines' figures now.
+
+    `engine_stats`: each engine core's `EngineStats`, in device order.
+    """
     ENGINE_ACTIVE.set(active_requests)
     ENGINE_QUEUED.set(queued_requests)
+    for core, stats in enumerate(engine_stats):
+        for field, gauge in ENGINE_COUNTERS.items():
+            gauge.labels(core=str(core)).set(getattr(stats, field))
     if not MULTIPROCESS:
         return generate_latest(REGISTRY), CONTENT_TYPE
     registry = CollectorRegistry()

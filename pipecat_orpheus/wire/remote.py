@@ -106,6 +106,11 @@ class RemoteSynthesizer:
         return self.client.connected
 
     @property
+    def engine_stats(self) -> list:
+        """None here: the server's engine counters are on its /metrics."""
+        return []
+
+    @property
     def queued_requests(self) -> int:
         """Always 0: the queue is the server's (see its /metrics)."""
         return 0

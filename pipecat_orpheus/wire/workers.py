@@ -1,14 +1,14 @@
-"""`pipecat-orpheus serve` with `server.workers` > 1: several server processes on one port, one engine core.
+"""`pipecat-orpheus serve` with `server.workers` > 1: several server processes on one port, one engine core per device.
 
 One server process spends its time in Python on sockets, framing and the protocol; past about
 200 streams that, not the GPU, is the limit (bench/README.md, server under load). So the parent
-starts the engine core (and restarts it when it dies, as any owner does), then
-`server.workers` worker processes. Each runs the whole server (`server.run_server`) with an
-`EngineClient` attached to that core, on its own listening socket bound with SO_REUSEPORT: the
+starts the engine cores (`engine.devices`; it restarts one that dies, as any owner does), then
+`server.workers` worker processes. Each runs the whole server (`server.run_server`) with
+`EngineCores` attached to those cores, on its own listening socket bound with SO_REUSEPORT: the
 kernel spreads new connections over them. Each admits `limits.max_connections / workers`
 connections; `/metrics` from any worker counts every worker (Prometheus multiprocess mode);
-`/healthz` says whether its core beats. SIGTERM to the parent drains every worker, then stops
-the core; a worker that dies is started again.
+`/healthz` says whether every core beats. SIGTERM to the parent drains every worker, then stops
+the cores; a worker that dies is started again.
 """
 
 from __future__ import annotations
@@ -30,30 +30,29 @@ from pathlib import Path
 from loguru import logger
 
 from pipecat_orpheus.config import Config
-from pipecat_orpheus.core import messages
-from pipecat_orpheus.core.client import EngineClient
+from pipecat_orpheus.core import EngineCores, messages
 from pipecat_orpheus.errors import ConfigError
 
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def run(config: Config) -> None:
-    """Start the core and the workers, serve until SIGTERM/SIGINT, then drain the workers and stop the core."""
+    """Start the cores and the workers, serve until SIGTERM/SIGINT, then drain the workers and stop the cores."""
     _check_port(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    core = EngineClient.start(config)  # it owns the core process: restarts it when it dies, stops it at the end
+    cores = EngineCores.start(config)  # it owns the core processes: restarts one that dies, stops them at the end
     metrics_dir = Path(tempfile.mkdtemp(prefix="orpheus-metrics-"))
     workers: list[subprocess.Popen] = []
     try:
-        workers = [_spawn(core.addresses, i, metrics_dir) for i in range(config.server.workers)]
+        workers = [_spawn(cores.directories, i, metrics_dir) for i in range(config.server.workers)]
         logger.info(f"serving on {config.server.host}:{config.server.port} with {len(workers)} workers")
         while not stop.wait(1.0):
             for i, worker in enumerate(workers):
                 if worker.poll() is not None:
                     logger.error(f"worker {i} exited with code {worker.returncode}; starting it again")
-                    workers[i] = _spawn(core.addresses, i, metrics_dir)
+                    workers[i] = _spawn(cores.directories, i, metrics_dir)
         logger.info("signal received, shutting down the workers")
     finally:
         for worker in workers:
@@ -64,7 +63,7 @@ def run(config: Config) -> None:
                 worker.wait(wait_s)
             except subprocess.TimeoutExpired:
                 worker.kill()
-        core.close()
+        cores.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -78,8 +77,8 @@ def _check_port(config: Config) -> None:
             raise ConfigError("server.port", f"{where} is already in use: {e.strerror}") from e
 
 
-def _spawn(addresses: messages.Addresses, index: int, metrics_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipecat_orpheus.wire.workers", "--dir", str(addresses.directory)]
+def _spawn(directories: list[Path], index: int, metrics_dir: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipecat_orpheus.wire.workers", *(f"--dir={d}" for d in directories)]
     environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "ORPHEUS_WORKER": str(index)}
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
 
@@ -91,22 +90,21 @@ def worker_config(config: Config) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A worker: the server around an `EngineClient` attached to the parent's core."""
+    """A worker: the server around `EngineCores` attached to the parent's cores."""
     import asyncio
 
     from pipecat_orpheus.speech import speech_for
     from pipecat_orpheus.wire.server import run_server
 
     parser = argparse.ArgumentParser(prog="python -m pipecat_orpheus.wire.workers")
-    parser.add_argument("--dir", required=True, type=Path, help="the engine core's directory")
+    parser.add_argument("--dir", required=True, type=Path, action="append", help="an engine core's directory")
     args = parser.parse_args(argv)
     if sys.platform == "linux":  # the parent killed outright: end too, so no worker holds the port
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    addresses = messages.Addresses(args.dir)
-    config = worker_config(messages.config_from_json((args.dir / "config.json").read_text()))
+    config = worker_config(messages.config_from_json((args.dir[0] / "config.json").read_text()))
 
     def open_speech(config: Config):
-        return speech_for(EngineClient.attach(config, addresses), config)
+        return speech_for(EngineCores.attach(config, args.dir), config)
 
     asyncio.run(run_server(config, open_speech, reuse_port=True))
     return 0

@@ -13,10 +13,11 @@ import pytest
 import websockets
 from pipecat.frames.frames import ErrorFrame, TTSSpeakFrame
 
+from bench.serving import engine_cores
 from pipecat_orpheus import format as fmt
 from pipecat_orpheus.backend import load_backend
 from pipecat_orpheus.config import load_config
-from pipecat_orpheus.core import EngineClient
+from pipecat_orpheus.core import EngineClient, EngineCores
 from pipecat_orpheus.engine.request import SamplingParams
 from pipecat_orpheus.errors import EngineBusy, EngineFailed, InvalidRequest, ModelLoadError
 from pipecat_orpheus.service import OrpheusTTSService
@@ -119,8 +120,8 @@ async def test_a_killed_core_fails_its_requests_and_comes_back(tiny_model_dir):
     """SIGKILL mid-utterance: the client gets Error{internal}, /healthz is 503, then the core restarts and speaks."""
     config = core_config(tiny_model_dir, **{"engine.core_restart_backoff_s": 2.0})  # down for > 2 s
     synth = load_synthesizer(config)
-    core = synth.backend
-    assert isinstance(core, EngineClient)
+    assert isinstance(synth.backend, EngineCores)
+    (core,) = synth.backend.cores
     try:
         async with serve(with_(config, sampling={"max_tokens": 1400}), synth, port=0, api_keys=[]) as server:
             async with websockets.connect(server.url) as ws:
@@ -193,7 +194,7 @@ async def test_services_of_one_bot_share_one_core(tiny_model_dir):
     assert not of(up_a, ErrorFrame) and not of(up_b, ErrorFrame)
     assert samples(down_a) > 0 and samples(down_b) > 0
     synth = load_synthesizer(config)
-    assert isinstance(synth.backend, EngineClient)
+    assert isinstance(synth.backend, EngineCores)
     started = _cores() - before
     assert len(started) == 1, started
     synth.close()
@@ -201,15 +202,4 @@ async def test_services_of_one_bot_share_one_core(tiny_model_dir):
 
 def _cores() -> set[int]:
     """Pids of the engine core processes this process has started and that still run."""
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid():
-                    continue
-            with open(f"/proc/{pid}/cmdline") as c:
-                if "pipecat_orpheus.core.process" in c.read():
-                    out.add(int(pid))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-    return out
+    return set(engine_cores(os.getpid()))

@@ -52,7 +52,7 @@ def test_eval_writes_the_report_page_and_wavs_of_both_configurations(tiny_model_
 
 
 def test_eval_refuses_unknown_sentences_voices_and_malformed_overrides(tiny_model_dir, tmp_path, capsys):
-    """A sentence, a voice, a --vs pair or a limit that cannot be used is a one-line error before anything loads."""
+    """A sentence, voice, --vs pair, limit or device list it cannot use is a one-line error before anything loads."""
     base = ["eval", "--model", str(tiny_model_dir / "llm"), "--asr", "pocketsphinx", "-o", str(tmp_path)]
     assert main([*base, "--sentences", "nope"]) == 2
     assert "--sentences" in capsys.readouterr().err
@@ -62,3 +62,5 @@ def test_eval_refuses_unknown_sentences_voices_and_malformed_overrides(tiny_mode
     assert "--voices" in capsys.readouterr().err
     assert main([*base, "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+    assert main([*base, "--set", "engine.devices=[cpu, cpu]"]) == 2  # one engine in this process: one device
+    assert "engine.devices" in capsys.readouterr().err
