@@ -9,7 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REAL_LLAMA = dict(
@@ -73,7 +72,3 @@ def build(tiny: bool, device, dtype):
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     snac = SNAC(**(tiny_snac_config() if tiny else REAL_SNAC)).to(device).eval()
     return llm, tokenizer, snac
-
-
-def snr_db(test: np.ndarray, ref: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((test - ref) ** 2), 1e-30)))

@@ -1,4 +1,4 @@
-"""`pipecat-orpheus`: speak text to a WAV file, serve the WebSocket API, or build the tiny test model.
+"""`pipecat-orpheus`: speak text to a WAV file, serve the WebSocket API, check the speech, or build the tiny test model.
 
 Argument parsing, progress and timing only; the work is done by the modules it calls. Typed
 user errors (bad configuration, weights that cannot be loaded) print one line on stderr and
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 import time
-import wave
 from pathlib import Path
-
-import numpy as np
 
 from pipecat_orpheus.errors import ConfigError, EngineBusy, ModelLoadError, OrpheusError
 
@@ -47,6 +45,32 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", default=None, help="environment variable holding comma-separated API keys")
     serve.add_argument("--workers", type=int, default=None, help="server processes around one engine core")
 
+    ev = sub.add_parser(
+        "eval", help="speak a fixed sentence set, transcribe it and measure it: a speech-quality report"
+    )
+    _add_model_args(ev)
+    ev.add_argument(
+        "-o", "--output", type=Path, default=Path("eval_report"), help="report folder (default: eval_report)"
+    )
+    ev.add_argument("--voices", nargs="+", default=None, help="voices to speak in (default: voices.default)")
+    ev.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. sampling.temperature=0.4"
+    )
+    ev.add_argument(
+        "--vs",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a second configuration, side by side: e.g. engine.kv_cache_dtype=fp8",
+    )
+    ev.add_argument(
+        "--asr", choices=("faster-whisper", "pocketsphinx"), default=None, help="who listens (default: eval.asr)"
+    )
+    ev.add_argument(
+        "--sentences", nargs="+", default=None, help="sentence ids or kinds (harvard short number tag long)"
+    )
+    ev.add_argument("--limit", type=int, default=None, help="speak at most this many sentences")
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Orpheus-format model (noise, not speech)")
     tiny.add_argument("dir", type=Path, help="directory to write llm/ and snac/ into")
     return parser
@@ -70,37 +94,12 @@ def _read_text(arg: str | None) -> str:
     return text
 
 
-def write_wav(path: Path, pcm: np.ndarray) -> None:
-    """Write float32 PCM as a 24 kHz mono 16-bit WAV file."""
-    from pipecat_orpheus.format import SAMPLE_RATE
-    from pipecat_orpheus.pcm import float_to_pcm16_bytes
-
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)  # 16-bit
-        wav.setframerate(SAMPLE_RATE)
-        wav.writeframes(float_to_pcm16_bytes(pcm))
-
-
-async def _stream_to_array(synth, text: str, voice: str | None, sampling) -> tuple[np.ndarray, float | None, float]:
-    """All audio of one request, the time to its first chunk and the total time (seconds)."""
-    start = time.perf_counter()
-    stream = synth.submit(text, voice=voice, sampling=sampling)
-    first: float | None = None
-    chunks = []
-    async for chunk in stream:
-        if first is None:
-            first = time.perf_counter() - start
-        chunks.append(chunk)
-    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    return audio, first, time.perf_counter() - start
-
-
 def _speak(args: argparse.Namespace) -> None:
     from pipecat_orpheus.config import load_config
     from pipecat_orpheus.engine.request import SamplingParams
     from pipecat_orpheus.format import SAMPLE_RATE
-    from pipecat_orpheus.speech import load_synthesizer
+    from pipecat_orpheus.pcm import write_wav
+    from pipecat_orpheus.speech import load_synthesizer, speak
 
     text = _read_text(args.text)
     overrides = {**_model_overrides(args), "engine.backend": args.backend, "sampling.seed": args.seed}
@@ -111,11 +110,12 @@ def _speak(args: argparse.Namespace) -> None:
     synth = load_synthesizer(config)
     print(f"Loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     try:
-        audio, first, total = asyncio.run(_stream_to_array(synth, text, args.voice, sampling))
+        spoken = asyncio.run(speak(synth, text, voice=args.voice, sampling=sampling))
     finally:
         synth.close()
-    write_wav(Path(args.output), audio)
-    seconds = len(audio) / SAMPLE_RATE
+    write_wav(Path(args.output), spoken.audio)
+    seconds = len(spoken.audio) / SAMPLE_RATE
+    first, total = spoken.first_audio_s, spoken.total_s
     first_text = f"{first * 1000:.0f} ms" if first is not None else "n/a (no audio)"
     rtf = f"{total / seconds:.2f}" if seconds else "n/a"
     print(f"Wrote {args.output}: {seconds:.2f} s of audio")
@@ -138,6 +138,33 @@ def _serve(args: argparse.Namespace) -> None:
     server.run(config)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from pipecat_orpheus.eval.runner import parse_assignments, plan_sides, run_eval
+    from pipecat_orpheus.eval.sentences import select
+
+    base = {**_model_overrides(args), "eval.asr": args.asr}
+    sides = plan_sides(args.config, base, parse_assignments(args.set, "--set"), parse_assignments(args.vs, "--vs"))
+    sentences = select(args.sentences, args.limit)
+    command = shlex.join(["pipecat-orpheus", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "pipecat-orpheus eval"
+    report = run_eval(sides, voices=args.voices, sentences=sentences, out_dir=args.output, command=command)
+    for side in report["sides"]:
+        s = side["summary"]
+        print(
+            f"{side['name']}: {s['utterances']} utterances, {s['flagged']} flagged; mean WER {_num(s['mean_wer'])}, "
+            f"CER {_num(s['mean_cer'])}; first audio median {_num(s['median_first_audio_s'])} s; "
+            f"real-time factor median {_num(s['median_rtf'])}; streamed vs offline worst {_num(s['min_stream_db'])} dB"
+        )
+    if len(report["sides"]) == 2:
+        differ = [r for r in report["utterances"] if r["side"] == "B" and r["differs"]]
+        what = sorted({d for r in differ for d in r["differs"]})
+        print(f"B vs A: {len(differ)} utterances differ in what matters" + (f" ({', '.join(what)})" if what else ""))
+    print(f"Wrote {args.output / 'index.html'} and {args.output / 'report.json'}")
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def _make_tiny_model(args: argparse.Namespace) -> None:
     from pipecat_orpheus.testing import make_tiny_model
 
@@ -148,7 +175,7 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pipecat-orpheus` console script; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    commands = {"speak": _speak, "serve": _serve, "make-tiny-model": _make_tiny_model}
+    commands = {"speak": _speak, "serve": _serve, "eval": _eval, "make-tiny-model": _make_tiny_model}
     try:
         commands[args.command](args)
     except (ConfigError, ModelLoadError, EngineBusy) as e:

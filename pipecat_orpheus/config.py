@@ -168,6 +168,27 @@ class ModalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EvalConfig:
+    """`pipecat-orpheus eval`: the ASR that listens, the seed, and the bounds past which an utterance is flagged."""
+
+    asr: str = field(default="faster-whisper", metadata=_choices("faster-whisper", "pocketsphinx"))
+    asr_model: str = "large-v3"
+    asr_device: str = "auto"
+    seed: int = field(default=1, metadata=_range(0, 2**62))
+    silence_dbfs: float = field(default=-50.0, metadata=_range(-120.0, 0.0))
+    max_edge_silence_s: float = field(default=0.5, metadata=_range(0.0, 60.0))
+    max_clipped_share: float = field(default=0.001, metadata=_range(0.0, 1.0))
+    min_loudness_dbfs: float = field(default=-35.0, metadata=_range(-120.0, 0.0))
+    max_loudness_dbfs: float = field(default=-10.0, metadata=_range(-120.0, 0.0))
+    max_pace_ratio: float = field(default=1.6, metadata=_range(1.0, 100.0))
+    loop_frames: int = field(default=6, metadata=_range(2, 1000))
+    max_repeated_share: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    max_wer: float = field(default=0.2, metadata=_range(0.0, 10.0))
+    min_stream_db: float = field(default=40.0, metadata=_range(-100.0, 200.0))
+    wer_difference: float = field(default=0.1, metadata=_range(0.0, 10.0))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: one frozen section per block of `orpheus_config.yaml`."""
 
@@ -180,6 +201,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     modal: ModalConfig = ModalConfig()
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self) -> None:
         if self.voices.default not in self.voices.available:
@@ -202,6 +224,8 @@ class Config:
                 raise ConfigError("engine.devices", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N")
         if self.engine.devices is not None and len(self.engine.devices) > 1 and not self.engine.core_process:
             raise ConfigError("engine.devices", "one engine core per device: set engine.core_process to true")
+        if self.eval.min_loudness_dbfs > self.eval.max_loudness_dbfs:
+            raise ConfigError("eval.min_loudness_dbfs", "must be <= eval.max_loudness_dbfs")
         if self.sampling.max_tokens > self.engine.max_tokens_per_slot:
             raise ConfigError(
                 "sampling.max_tokens", f"must be <= engine.max_tokens_per_slot ({self.engine.max_tokens_per_slot})"

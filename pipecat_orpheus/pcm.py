@@ -1,4 +1,4 @@
-"""PCM helpers shared by the server and the Pipecat service: sample formats and fixed-size framing.
+"""PCM helpers shared by the server, the Pipecat service, the CLI and the eval: sample formats, framing, WAV files.
 
 The engine hands out float32 chunks of any length (a frame of 2048 samples, or a whole tail at
 end of speech); the wire wants 80 ms messages (PROTOCOL.md `Audio`) and int16 little-endian
@@ -6,6 +6,9 @@ bytes for `Pcm16MessagePack` and Pipecat's `TTSAudioRawFrame`.
 """
 
 from __future__ import annotations
+
+import wave
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +39,20 @@ def pcm16_bytes_to_float(data: bytes) -> np.ndarray:
     if len(data) % 2:
         raise ValueError(f"int16 PCM needs an even number of bytes, got {len(data)}")
     return int16_to_float(np.frombuffer(data, dtype="<i2"))
+
+
+def write_wav(path: Path | str, pcm: np.ndarray) -> None:
+    """Write float32 PCM as a 24 kHz mono 16-bit WAV file."""
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)  # 16-bit
+        wav.setframerate(SAMPLE_RATE)
+        wav.writeframes(float_to_pcm16_bytes(pcm))
+
+
+def snr_db(test: np.ndarray, ref: np.ndarray) -> float:
+    """How close `test` is to `ref` (same length): signal-to-difference ratio in dB (streamed vs offline audio)."""
+    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((test - ref) ** 2), 1e-30)))
 
 
 class PcmFramer:

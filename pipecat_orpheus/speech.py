@@ -10,6 +10,8 @@ run on either backend with no change.
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -78,6 +80,32 @@ class Synthesizer(Protocol):
     def close(self) -> None:
         """Stop the worker and cancel everything in flight."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Spoken:
+    """All audio of one request and how long it took: what `speak` and `eval` report."""
+
+    audio: np.ndarray  # float32 mono 24 kHz, every chunk in order
+    first_audio_s: float | None  # submit to the first chunk (None: no audio)
+    total_s: float  # submit to the end of the stream
+    stream: SpeechStream  # the ended stream (what its source said at the end is read from it)
+
+
+async def speak(
+    synth: Synthesizer, text: str, *, voice: str | None = None, sampling: SamplingParams | None = None
+) -> Spoken:
+    """Speak `text` through `synth` and wait for all of it: the audio with its first-audio and total times."""
+    start = time.perf_counter()
+    stream = synth.submit(text, voice=voice, sampling=sampling)
+    first: float | None = None
+    chunks = []
+    async for chunk in stream:
+        if first is None:
+            first = time.perf_counter() - start
+        chunks.append(chunk)
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return Spoken(audio, first, time.perf_counter() - start, stream)
 
 
 class Speech:

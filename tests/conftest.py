@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny real-format Orpheus model (built once per session), its config and synthesizer, the bot."""
 
 import importlib.util
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +28,15 @@ def tiny_models(tiny_model_dir: Path) -> tuple:
     """(llm, tokenizer, snac) of the tiny model, loaded once through the real loader on the CPU in float32."""
     llm, tokenizer = load_llm(str(tiny_model_dir / "llm"), dtype=torch.float32, device="cpu")
     return llm, tokenizer, load_snac(str(tiny_model_dir / "snac"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module: the tiny models' kernels are too small to split, much faster under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +72,16 @@ def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     # 51864 tokens: the English-only Whisper vocabulary, so the model reports language "en".
     WhisperForConditionalGeneration(WhisperConfig(vocab_size=51864, **dims, **heads)).save_pretrained(root / "hf")
     TransformersConverter(str(root / "hf")).convert(str(root / "ct2"))
-    # faster-whisper fetches a tokenizer from the hub unless the model directory has one.
-    Tokenizer(models.WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(root / "ct2/tokenizer.json"))
+    # faster-whisper fetches a tokenizer from the hub unless the model directory has one. English-only
+    # Whisper's ids: 50256 words, <|endoftext|>, the task and language tokens, then the timestamps;
+    # CTranslate2 finds the prompt's tokens by name in its own vocabulary.json, so both list them.
+    words = 50256
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", *(f"<|lang{i}|>" for i in range(98))]
+    specials += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>"]
+    specials += ["<|notimestamps|>"]
+    stamps = [f"<|{i * 0.02:.2f}|>" for i in range(51864 - words - len(specials))]
+    vocab = [f"w{i}" for i in range(words)] + specials + stamps
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<|endoftext|>"))
+    tokenizer.save(str(root / "ct2/tokenizer.json"))
+    (root / "ct2/vocabulary.json").write_text(json.dumps(vocab))
     return root / "ct2"

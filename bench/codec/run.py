@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from snac import SNAC
 
-from bench.common import REAL_SNAC, command_line, snr_db
+from bench.common import REAL_SNAC, command_line
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.codec.stream import Window
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME
+from pipecat_orpheus.pcm import snr_db
 from pipecat_orpheus.testing import tiny_snac_config
 
 FRAMES_PER_S = SAMPLE_RATE / SAMPLES_PER_FRAME  # 11.72 windows per second per real-time stream

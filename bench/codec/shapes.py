@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from snac import SNAC
 
-from bench.common import REAL_SNAC, snr_db
+from bench.common import REAL_SNAC
 from pipecat_orpheus.codec import SnacCodec
 from pipecat_orpheus.codec.stream import Window, graphed_shapes
 from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE
+from pipecat_orpheus.pcm import snr_db
 from pipecat_orpheus.testing import tiny_snac_config
 
 

@@ -14,21 +14,12 @@ from pipecat_orpheus.config import CodecConfig
 from pipecat_orpheus.format import CODEBOOK_SIZE, SAMPLES_PER_FRAME, frames_to_snac_codes
 from pipecat_orpheus.graphs import window_buckets
 from pipecat_orpheus.loader import load_snac
+from pipecat_orpheus.pcm import snr_db
 
 LENGTHS = [1, 2, 3, 4, 5, 6, 9, 200]
 
 
-def snr_db(test: np.ndarray, ref: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((test - ref) ** 2), 1e-30)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny decoder's kernels are too small to split: one thread is faster, and much faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

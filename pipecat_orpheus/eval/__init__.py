@@ -1,0 +1,1 @@
+"""`pipecat-orpheus eval`: a one-command speech-quality check of the engine (runner.py runs it)."""
