@@ -28,6 +28,7 @@ from pipecat_orpheus.codec import AudioSink, CodecFeed, SnacCodec
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import EngineClosed, RequestCancelled
 
+from .admission import Admission, StepModel, steps_to_frame
 from .model import OrpheusLM
 from .request import Request, RequestStatus, SamplingParams
 from .runner import ModelRunner
@@ -39,13 +40,17 @@ _WARM_UP_TEXT = "Warm up."
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters since start: steps run, tokens generated and prefilled, SNAC windows decoded, seconds in steps."""
+    """Counters since start (steps run, tokens generated and prefilled, SNAC windows decoded, seconds in steps), and now.
+
+    `headroom`: streams the engine can admit now and stay real time (`admission.Admission.headroom`).
+    """
 
     steps: int = 0
     decode_tokens: int = 0
     prefill_tokens: int = 0
     codec_windows: int = 0
     busy_s: float = 0.0
+    headroom: int = 0
 
 
 class _SwitchInterval:
@@ -100,9 +105,19 @@ class OrpheusEngine:
         codec: a `SnacCodec` on the same device.
         config: the `engine` section.
         enforce_eager: never capture CUDA graphs (tests; always eager on CPU).
+        step_model: the step-time model to start from (tests); None: measured at start.
     """
 
-    def __init__(self, llm, tokenizer, codec: SnacCodec, *, config: EngineConfig, enforce_eager: bool = False):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        codec: SnacCodec,
+        *,
+        config: EngineConfig,
+        enforce_eager: bool = False,
+        step_model: StepModel | None = None,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.lm = OrpheusLM(llm, max_positions=config.max_tokens_per_slot)
@@ -131,6 +146,7 @@ class OrpheusEngine:
             ("engine graphs", self.runner.capture_graphs),
             ("prefill warm-up", self.runner.warm_up),
             ("codec graphs", codec.capture_graphs),
+            ("step model", lambda: self._start_admission(step_model)),
         ):
             t0 = time.perf_counter()
             run()
@@ -146,6 +162,9 @@ class OrpheusEngine:
         engine = cls(llm, tokenizer, codec, config=config.engine, enforce_eager=enforce_eager)
         engine.warm_up()
         return engine
+
+    def _start_admission(self, step_model: StepModel | None) -> None:
+        self.admission = Admission(self.config, step_model or self.runner.measure_step_model())
 
     @property
     def codec(self) -> SnacCodec:
@@ -167,6 +186,7 @@ class OrpheusEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the Orpheus engine is closed")
+            self.admission.check(self.scheduler.num_running + self.scheduler.num_waiting)  # EngineBusy past real time
             self.scheduler.admit(request)  # raises EngineBusy (or InvalidRequest for a prompt too long)
             self._requests[request.request_id] = request
             self.feed.open(request.request_id, seed, sink)
@@ -248,19 +268,39 @@ class OrpheusEngine:
                 if self._closed:
                     return
                 self._apply_cancels()
-                step = self.scheduler.schedule()
+                step = self.scheduler.schedule(self._prefill_budget(in_flight))
+            measured = step if self.runner.stream is None else in_flight  # the step whose work this call waits for
             t0 = time.perf_counter()
             try:
                 in_flight = self._step(step, in_flight)
             except Exception as e:  # a failed step fails the requests it touched; the engine goes on
                 self._fail([step, in_flight], e)
-                in_flight = None
+                in_flight = measured = None
             dt = time.perf_counter() - t0
             self.stats.steps += 1
             self.stats.busy_s += dt
             self.feed.record_step(dt)
+            if measured is not None:
+                self.admission.model.learn(len(measured.decode), measured.prefill_tokens, dt)
+            self.stats.headroom = self.admission.headroom(self.scheduler.num_running + self.scheduler.num_waiting)
             if self.on_step is not None:
                 self.on_step()
+
+    def _prefill_budget(self, in_flight: ScheduledStep | None) -> int | None:
+        """The next step's prefill under `engine.admission: slack`, from the playing streams' deadlines (caller holds the lock).
+
+        None (the scheduler's fixed value) under `fixed`, or with no prompt to prefill.
+        """
+        if self.admission.policy != "slack" or not self.scheduler.num_prefilling:
+            return None
+        streams = [
+            (deadline, steps_to_frame(self._requests[request_id]))
+            for request_id, deadline in self.feed.deadlines()
+            if request_id in self._requests
+        ]
+        model, rows = self.admission.model, self.scheduler.num_running - self.scheduler.num_prefilling
+        in_flight_s = model.step_s(len(in_flight.decode), in_flight.prefill_tokens) if in_flight else 0.0
+        return self.admission.prefill_budget(time.perf_counter(), streams, rows, in_flight_s)
 
     def _step(self, step: ScheduledStep, in_flight: ScheduledStep | None) -> ScheduledStep | None:
         """One step: the GPU runs [step in flight] [SNAC] [step] back to back; returns the step now in flight."""
@@ -289,7 +329,7 @@ class OrpheusEngine:
             frames = [(request.request_id, ids) for request, ids in out.frames]
             self.feed.push(frames, [r.request_id for r in out.finished], now)
         self.stats.decode_tokens += len(step.decode) + len(first)
-        self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
+        self.stats.prefill_tokens += step.prefill_tokens
 
     def _fail(self, steps: list[ScheduledStep | None], error: Exception) -> None:
         """End every request of `steps` and every request whose audio was in decode with `error`."""
