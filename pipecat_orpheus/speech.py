@@ -57,6 +57,11 @@ class Synthesizer(Protocol):
         ...
 
     @property
+    def headroom(self) -> int | None:
+        """Streams the engine can admit now and stay real time (None when it does not know)."""
+        ...
+
+    @property
     def closed(self) -> bool:
         """Whether `close()` has been called (a closed synthesizer takes no more requests)."""
         ...
@@ -103,6 +108,12 @@ class Speech:
     def queued_requests(self) -> int:
         """Requests waiting for a slot."""
         return self.backend.queued_requests
+
+    @property
+    def headroom(self) -> int | None:
+        """The engine's headroom as its counters last said (the reference path keeps none: None)."""
+        stats = getattr(self.backend, "stats", None)  # the engine's, or the engine core's as of its last beat
+        return None if stats is None else stats.headroom
 
     @property
     def closed(self) -> bool:

@@ -40,9 +40,9 @@ _WARM_UP_TEXT = "Warm up."
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters since start (steps run, tokens generated and prefilled, SNAC windows decoded, seconds in steps), and now.
+    """Counters since start: steps run, tokens generated and prefilled, SNAC windows decoded, seconds in steps.
 
-    `headroom`: streams the engine can admit now and stay real time (`admission.Admission.headroom`).
+    And one figure of now, `headroom`: streams the engine can admit and stay real time (`Admission.headroom`).
     """
 
     steps: int = 0
@@ -135,7 +135,7 @@ class OrpheusEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._closed = False
-        self.stats = EngineStats()
+        self._stats = EngineStats()
         self.on_step: Callable[[], None] | None = None  # called on the step thread after each step's audio is out
         self._switch_interval = config.switch_interval_ms > 0
         if self._switch_interval:
@@ -205,6 +205,12 @@ class OrpheusEngine:
                 return
             self._cancels.append((request_id, True))
             self._cond.notify()
+
+    @property
+    def stats(self) -> EngineStats:
+        """The counters since start, with the headroom of now."""
+        self._stats.headroom = self.admission.headroom(self.scheduler.num_running + self.scheduler.num_waiting)
+        return self._stats
 
     @property
     def active_requests(self) -> int:
@@ -277,19 +283,18 @@ class OrpheusEngine:
                 self._fail([step, in_flight], e)
                 in_flight = measured = None
             dt = time.perf_counter() - t0
-            self.stats.steps += 1
-            self.stats.busy_s += dt
+            self._stats.steps += 1
+            self._stats.busy_s += dt
             self.feed.record_step(dt)
             if measured is not None:
                 self.admission.model.learn(len(measured.decode), measured.prefill_tokens, dt)
-            self.stats.headroom = self.admission.headroom(self.scheduler.num_running + self.scheduler.num_waiting)
             if self.on_step is not None:
                 self.on_step()
 
     def _prefill_budget(self, in_flight: ScheduledStep | None) -> int | None:
-        """The next step's prefill under `engine.admission: slack`, from the playing streams' deadlines (caller holds the lock).
+        """The next step's prefill under `engine.admission: slack`, from the playing streams' deadlines.
 
-        None (the scheduler's fixed value) under `fixed`, or with no prompt to prefill.
+        None (the scheduler's fixed value) under `fixed`, or with no prompt to prefill. The caller holds the lock.
         """
         if self.admission.policy != "slack" or not self.scheduler.num_prefilling:
             return None
@@ -310,7 +315,7 @@ class OrpheusEngine:
         if in_flight is not None:
             tokens, first = self.runner.collect()  # wait for the step in flight's tokens
             self._postprocess(in_flight, tokens.tolist(), first.tolist())
-        self.stats.codec_windows += self.feed.deliver()  # PCM to each request's stream, in order
+        self._stats.codec_windows += self.feed.deliver()  # PCM to each request's stream, in order
         return None if step.empty else step
 
     def _postprocess(self, step: ScheduledStep, tokens: list[int], first: list[int]) -> None:
@@ -328,8 +333,8 @@ class OrpheusEngine:
                 self._requests.pop(request.request_id, None)
             frames = [(request.request_id, ids) for request, ids in out.frames]
             self.feed.push(frames, [r.request_id for r in out.finished], now)
-        self.stats.decode_tokens += len(step.decode) + len(first)
-        self.stats.prefill_tokens += step.prefill_tokens
+        self._stats.decode_tokens += len(step.decode) + len(first)
+        self._stats.prefill_tokens += step.prefill_tokens
 
     def _fail(self, steps: list[ScheduledStep | None], error: Exception) -> None:
         """End every request of `steps` and every request whose audio was in decode with `error`."""

@@ -15,7 +15,6 @@ With `enforce_eager` (and always on CPU) the same step function runs without gra
 from __future__ import annotations
 
 import bisect
-import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -359,7 +358,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def measure_step_model(self, repeats: int = 3) -> StepModel:
-        """The engine's first `StepModel`: decode steps at 1 row and every slot, prefills at the shortest and longest length.
+        """The engine's first `StepModel`: decode at 1 row and at every slot, prefill at the shortest and longest.
 
         Each is timed on the dummy slot, the fastest of `repeats` after one to warm it up: the
         per-row cost at almost no context (the engine's own steps then teach it the rest) and

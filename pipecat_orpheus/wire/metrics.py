@@ -46,6 +46,12 @@ ENGINE_QUEUED = Gauge(
     "orpheus_engine_queued_requests", "Requests waiting for an engine slot.", multiprocess_mode="mostrecent",
     registry=REGISTRY,
 )  # fmt: skip
+ENGINE_HEADROOM = Gauge(
+    "orpheus_engine_headroom_streams",
+    "Streams the engine can admit now and stay real time (from its step-time model; 0 until it reports).",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
 PIECES_TOTAL = Counter(
     "orpheus_pieces_total", "Pieces of text by outcome (done, cancelled, error, busy).", ["outcome"], registry=REGISTRY
 )
@@ -67,10 +73,12 @@ AUDIO_SECONDS_TOTAL = Counter(
 ERRORS_TOTAL = Counter("orpheus_errors_total", "Error messages sent, by code.", ["code"], registry=REGISTRY)
 
 
-def render(active_requests: int, queued_requests: int) -> tuple[bytes, str]:
+def render(active_requests: int, queued_requests: int, headroom: int | None) -> tuple[bytes, str]:
     """The exposition text of every metric (of every worker) and its content type, with the engine's load now."""
     ENGINE_ACTIVE.set(active_requests)
     ENGINE_QUEUED.set(queued_requests)
+    if headroom is not None:
+        ENGINE_HEADROOM.set(headroom)
     if not MULTIPROCESS:
         return generate_latest(REGISTRY), CONTENT_TYPE
     registry = CollectorRegistry()

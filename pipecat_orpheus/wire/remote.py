@@ -110,6 +110,11 @@ class RemoteSynthesizer:
         """Always 0: the queue is the server's (see its /metrics)."""
         return 0
 
+    @property
+    def headroom(self) -> None:
+        """Unknown here: the server's engine reports its own (see its /metrics)."""
+        return None
+
     def close(self) -> None:
         """Cancel every utterance in flight and stop reconnecting; `aclose()` also closes the connection."""
         self.closed = True

@@ -179,7 +179,8 @@ class OrpheusServer:
             return _plain(200, "ok\n") if self.synthesizer.healthy else _plain(503, "engine down\n")
         if path == "/metrics":
             synth = self.synthesizer
-            body, content_type = metrics.render(*((synth.active_requests, synth.queued_requests) if synth else (0, 0)))
+            load = (synth.active_requests, synth.queued_requests, synth.headroom) if synth else (0, 0, None)
+            body, content_type = metrics.render(*load)
             return _plain(200, body.decode(), content_type)
         if path not in STREAM_PATHS:
             return _plain(404, f"not found; the stream is at {STREAM_PATHS[0]}\n")
