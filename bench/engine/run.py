@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bench.common import build, command_line, copy_bandwidth, sync
 from bench.engine.correctness import correctness
@@ -180,6 +181,7 @@ def main() -> None:
         "--admission", nargs="+", choices=["slack", "fixed"], default=None,
         help="engine.admission policies, each swept in turn on the same engine (default: the config's)",
     )  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, last")
     ap.add_argument("--baseline-tokens", type=int, default=32)
     ap.add_argument("--baseline-batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--check-prompts", type=int, default=3)
@@ -226,7 +228,7 @@ def main() -> None:
         "engine.kv_cache_dtype": args.kv_cache_dtype, "codec.dtype": args.codec_dtype,  # None: the config's
         "engine.busy_below_speed": 0.0,  # the sweep finds the real-time count itself (the prediction is reported)
         "codec.compile": None if args.codec_compile is None else bool(args.codec_compile),
-    })  # fmt: skip
+    } | {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})  # fmt: skip
     if device.type == "cuda":
         result["codec_graph_check"] = codec_graph_check(snac, config, device, np.random.default_rng(0))
         log(f"codec graphs vs eager: {result['codec_graph_check']}")
