@@ -55,6 +55,9 @@ class EngineConfig:
     max_queue: int = field(default=512, metadata=_range(0, 1_000_000))
     prefill_chunk_tokens: int = field(default=256, metadata=_range(16, 65536))
     prefill_tokens_while_decoding: int = field(default=128, metadata=_range(16, 65536))
+    admission: str = field(default="slack", metadata=_choices("slack", "fixed"))
+    admission_margin_ms: float = field(default=15.0, metadata=_range(0.0, 1000.0))
+    busy_below_speed: float = field(default=1.0, metadata=_range(0.0, 10.0))
     cuda_graphs: bool = True
     max_chars_per_piece: int = field(default=280, metadata=_range(20, 4000))
     gpu_memory_fraction: float = field(default=0.90, metadata=_range(0.1, 1.0))

@@ -203,7 +203,7 @@ class ReferenceSynthesizer:
 
     @property
     def engine_stats(self) -> list:
-        """None: the reference path keeps no engine counters."""
+        """None (an empty list): the reference path keeps no engine counters."""
         return []
 
     def close(self) -> None:

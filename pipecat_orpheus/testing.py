@@ -175,10 +175,17 @@ def make_tiny_model(root: Path | str) -> None:
     make_tiny_snac(root / "snac")
 
 
-def tiny_model_overrides(root: Path | str) -> dict[str, str]:
-    """Config overrides (`load_config(overrides=...)`) for the tiny model `make_tiny_model(root)` wrote, on the CPU."""
+def tiny_model_overrides(root: Path | str) -> dict[str, object]:
+    """Config overrides (`load_config(overrides=...)`) for the tiny model `make_tiny_model(root)` wrote, on the CPU.
+
+    A shared CPU runs the tiny model near or below real time, so refusing streams by speed
+    (`engine.busy_below_speed`) is off: what a test admits must not depend on the machine.
+    """
     root = Path(root)
-    return {"model.llm": str(root / "llm"), "model.codec": str(root / "snac"), "model.device": "cpu"}
+    return {
+        "model.llm": str(root / "llm"), "model.codec": str(root / "snac"), "model.device": "cpu",
+        "engine.busy_below_speed": 0.0,
+    }  # fmt: skip
 
 
 def forced_tokens(

@@ -54,9 +54,41 @@ def level_stats(streams: list[tuple], wall_s: float) -> dict:
     }
 
 
+def headline_levels(result: dict) -> list[dict]:
+    """The levels of the first `engine.admission` policy swept (all of them in a run that swept one)."""
+    first = result.get("admission", [None])[0]
+    return [lv for lv in result["levels"] if lv.get("admission", first) == first]
+
+
+def admission_table(result: dict) -> str:
+    """Each policy's levels side by side: first audio, first token, late chunks, predicted real-time streams."""
+    policies = result.get("admission", [])
+    lines = [
+        "admission: " + ", ".join(f"{p} {result['by_admission'][p]} real-time streams" for p in policies),
+        f"{'policy':>7} {'streams':>7} {'ttfb p50':>9} {'ttfb p95':>9} {'tok1 p95':>9} {'late':>6} "
+        f"{'late streams':>12} {'worst ms':>9} {'predicted':>9}",
+    ]
+    for lv in sorted(result["levels"], key=lambda lv: (lv["streams"], lv.get("admission", ""))):
+        lines.append(
+            f"{lv.get('admission', ''):>7} {lv['streams']:>7} {lv['ttfb_ms_p50']:>9.1f} {lv['ttfb_ms_p95']:>9.1f} "
+            f"{lv['first_token_ms_p95']:>9.1f} {lv['underruns']:>6} {lv['streams_with_underrun']:>12} "
+            f"{lv['worst_lateness_ms']:>9.1f} {lv.get('predicted_capacity', ''):>9}"
+        )
+    return "\n".join(lines)
+
+
+def summarize_admission(result: dict) -> None:
+    """Add each `engine.admission` policy's real-time streams (its largest level with no late chunk) to `result`."""
+    result["by_admission"] = {
+        p: max([lv["streams"] for lv in result["levels"] if lv.get("admission") == p and lv["underruns"] == 0] or [0])
+        for p in result.get("admission", [])
+    }
+
+
 def summarize(result: dict) -> None:
     """Add the headline figures and the ratios to the baselines and the floor to `result`."""
-    levels = result["levels"]
+    summarize_admission(result)
+    levels = headline_levels(result)
     ok = [lv["streams"] for lv in levels if lv["underruns"] == 0]
     by = {lv["streams"]: lv for lv in levels}
     single = by.get(1, {})
@@ -115,7 +147,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lv = result["levels"]
+    lv = headline_levels(result)
     n = [x["streams"] for x in lv]
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     ax[0, 0].plot(n, [x["ttfb_ms_p50"] for x in lv], "o-", label="p50")

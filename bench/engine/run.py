@@ -10,7 +10,8 @@ real-size random SNAC, both built in-process. In one run:
   5. a concurrency sweep of ~12 s streams through `OrpheusEngine.submit` with the codec on:
      time to first audio, gaps between chunks, per-stream real-time factor, underruns
      (a chunk arriving after the audio before it finished playing), tokens/s, GPU memory;
-     after level 1, a probe of lone short requests one after another for first-audio p50.
+     after level 1, a probe of lone short requests one after another for first-audio p50;
+     with `--admission slack fixed`, the sweep once per `engine.admission` policy on the same engine.
 Levels that would end past --budget-s (330 s from start) are skipped, so one run fits in about
 6 minutes. Writes engine.json (after every level) and engine.png to --out-dir.
 
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bench.common import build, command_line, copy_bandwidth, sync
 from bench.engine.correctness import correctness
-from bench.engine.report import level_stats, plot, summarize, summary_table
+from bench.engine.report import admission_table, level_stats, plot, summarize, summary_table
 from bench.engine.steps import kernel_profile, kv_bytes_per_token, step_timing, weight_bytes
 from bench.engine.trace import LevelTrace, diagnose
 from pipecat_orpheus import format as fmt
@@ -175,6 +177,11 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=168, help="audio tokens per probe request (2 s)")
     ap.add_argument("--budget-s", type=float, default=330, help="skip the levels that would end past this")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument(
+        "--admission", nargs="+", choices=["slack", "fixed"], default=None,
+        help="engine.admission policies, each swept in turn on the same engine (default: the config's)",
+    )  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, last")
     ap.add_argument("--baseline-tokens", type=int, default=32)
     ap.add_argument("--baseline-batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--check-prompts", type=int, default=3)
@@ -219,8 +226,9 @@ def main() -> None:
         "engine.max_tokens_per_slot": 64 * ((args.stream_tokens + 80) // 64 + 1), "engine.max_queue": 2 * args.slots,
         "engine.prefill_chunk_tokens": args.prefill_chunk, "sampling.max_tokens": args.stream_tokens,
         "engine.kv_cache_dtype": args.kv_cache_dtype, "codec.dtype": args.codec_dtype,  # None: the config's
+        "engine.busy_below_speed": 0.0,  # the sweep finds the real-time count itself (the prediction is reported)
         "codec.compile": None if args.codec_compile is None else bool(args.codec_compile),
-    })  # fmt: skip
+    } | {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})  # fmt: skip
     if device.type == "cuda":
         result["codec_graph_check"] = codec_graph_check(snac, config, device, np.random.default_rng(0))
         log(f"codec graphs vs eager: {result['codec_graph_check']}")
@@ -234,8 +242,11 @@ def main() -> None:
     warm_up_s = result["engine_start_s"] - sum(engine.start_timings.values())
     result["engine_start_stages_s"] = {**engine.start_timings, "end-to-end warm-up": warm_up_s}
     result["engine_config"] = {
-        k: getattr(config.engine, k) for k in ("max_slots", "max_tokens_per_slot", "prefill_chunk_tokens")
+        k: getattr(config.engine, k)
+        for k in ("max_slots", "max_tokens_per_slot", "prefill_chunk_tokens", "prefill_tokens_while_decoding")
     }
+    result["admission"] = args.admission or [config.engine.admission]
+    result["step_model_start"] = dataclasses.asdict(engine.admission.model)
     result["codec_config"] = {
         k: getattr(config.codec, k) for k in ("left_context_frames", "lookahead_frames", "dtype", "compile")
     }
@@ -259,13 +270,16 @@ def main() -> None:
     levels: list[dict] = []
     result["levels"], rtf_min = levels, 3.0  # the same list: partial JSON dumps show the levels done
     audio_s = args.stream_tokens / fmt.TOKENS_PER_SECOND
-    for n in [lv for lv in args.levels if lv <= args.slots]:
+    sweep = [(policy, n) for policy in result["admission"] for n in args.levels if n <= args.slots]
+    for policy, n in sweep:
         elapsed = time.perf_counter() - t_start
         if n > 1 and elapsed + args.stagger_s + audio_s / max(rtf_min, 0.3) + 5 > args.budget_s:  # 1 always runs
-            log(f"level {n} skipped: {elapsed:.0f} s spent of --budget-s {args.budget_s:.0f}")
-            result.setdefault("levels_skipped", []).append(n)
+            log(f"level {n} ({policy}) skipped: {elapsed:.0f} s spent of --budget-s {args.budget_s:.0f}")
+            result.setdefault("levels_skipped", []).append(f"{n} {policy}")
             continue
-        level = asyncio.run(run_level(speech, n, args))
+        engine.admission.policy = policy
+        level = {"admission": policy} | asyncio.run(run_level(speech, n, args))
+        level["predicted_capacity"] = engine.admission.capacity()  # the step model's real-time streams, after it
         levels.append(level)
         rtf_min = level["rtf_min"]
         fig = {k: v for k, v in level.items() if k != "lateness"}
@@ -274,11 +288,12 @@ def main() -> None:
         log(f"level {n} lateness: " + ", ".join(f"{k}={v:.4g}" for k, v in late.items() if not isinstance(v, list)))
         for d in late["late_engine_worst"][:3] + late["slowest_steps"][:3]:
             log(f"   {', '.join(f'{k}={v:.4g}' for k, v in d.items())}")
-        if n == 1:
+        if n == 1 and "ttfb_probe_1" not in result:
             result["ttfb_probe_1"] = asyncio.run(ttfb_probe(speech, args))
             log(f"first audio of lone requests: {result['ttfb_probe_1']}")
         out_json.write_text(json.dumps(result, indent=2, default=str))  # partial, in case of a timeout
     result["engine_stats"] = {"steps": engine.stats.steps, "step_s_ewma": engine.feed.step_s}
+    result["step_model_end"] = dataclasses.asdict(engine.admission.model)
     engine.close()
     summarize(result)
     result["wall_s"] = time.perf_counter() - t_start
@@ -288,6 +303,7 @@ def main() -> None:
     except ImportError:
         log("matplotlib missing: no plot (python3 -m bench.engine.report can draw it from the JSON)")
     print(summary_table(result))
+    print(admission_table(result))
     log(f"done in {result['wall_s']:.0f} s: {out_json}")
 
 

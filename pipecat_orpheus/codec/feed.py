@@ -10,7 +10,7 @@ never the engine's requests.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +83,13 @@ class CodecFeed:
         entry = self._streams.pop(request_id, None)
         if entry is not None:
             entry[0].cancel()
+
+    def deadlines(self) -> Iterator[tuple[str, float]]:
+        """(request id, `CodecStream.deadline_s`) of every stream that is playing: what admission may not delay."""
+        for request_id, (stream, _) in self._streams.items():
+            deadline = stream.deadline_s
+            if deadline is not None:
+                yield request_id, deadline
 
     def record_step(self, seconds: float) -> None:
         """One engine step took `seconds`: the deadline timing of later frames uses the average."""

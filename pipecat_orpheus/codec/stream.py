@@ -109,6 +109,17 @@ class CodecStream:
             return self._pushed * FRAME_S >= wait_s
         return now + wait_s >= self._start_s + self._next * FRAME_S
 
+    @property
+    def deadline_s(self) -> float | None:
+        """When the first frame not yet handed out must start playing (None before playback or after the end).
+
+        Playback is taken to start when frame 0 was handed out, a step before it reaches the
+        listener, so the slack this gives (`deadline_s - now`) errs on the short side.
+        """
+        if self._start_s is None or self.finished:
+            return None
+        return self._start_s + self._next * FRAME_S
+
     def finish(self) -> list[Window]:
         """End of speech: one window emitting every frame not yet emitted (none if all were)."""
         if self.finished:

@@ -28,6 +28,7 @@ from pipecat_orpheus.codec import AudioSink, CodecFeed, SnacCodec
 from pipecat_orpheus.config import EngineConfig, GuardConfig
 from pipecat_orpheus.errors import EngineClosed, RequestCancelled
 
+from .admission import Admission, StepModel, steps_to_frame
 from .guard import DURATION, GUARD_REASONS, LoopDetector
 from .model import OrpheusLM
 from .request import Request, RequestStatus, SamplingParams
@@ -40,7 +41,10 @@ _WARM_UP_TEXT = "Warm up."
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters since start: steps, tokens, SNAC windows, seconds in steps, pieces the guard stopped (by reason)."""
+    """Counters since start: steps, tokens, SNAC windows, seconds in steps, pieces the guard stopped (by reason).
+
+    And one figure of now, `headroom`: streams the engine can admit and stay real time (`Admission.headroom`).
+    """
 
     steps: int = 0
     decode_tokens: int = 0
@@ -49,6 +53,7 @@ class EngineStats:
     busy_s: float = 0.0
     guard_duration: int = 0
     guard_loop: int = 0
+    headroom: int = 0
 
 
 class _SwitchInterval:
@@ -104,6 +109,7 @@ class OrpheusEngine:
         config: the `engine` section.
         guard: the `guard` section (loop detection; duration budgets come with each request); None: its defaults.
         enforce_eager: never capture CUDA graphs (tests; always eager on CPU).
+        step_model: the step-time model to start from (tests); None: measured at start.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class OrpheusEngine:
         config: EngineConfig,
         guard: GuardConfig | None = None,
         enforce_eager: bool = False,
+        step_model: StepModel | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -135,7 +142,7 @@ class OrpheusEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._closed = False
-        self.stats = EngineStats()
+        self._stats = EngineStats()
         self.on_step: Callable[[], None] | None = None  # called on the step thread after each step's audio is out
         # tests only: rewrites a step's sampled tokens (decode rows, first tokens) in place before the host applies them
         self.rewrite_tokens: Callable[[ScheduledStep, list[int], list[int]], None] | None = None
@@ -148,6 +155,7 @@ class OrpheusEngine:
             ("engine graphs", self.runner.capture_graphs),
             ("prefill warm-up", self.runner.warm_up),
             ("codec graphs", codec.capture_graphs),
+            ("step model", lambda: self._start_admission(step_model)),
         ):
             t0 = time.perf_counter()
             run()
@@ -163,6 +171,9 @@ class OrpheusEngine:
         engine = cls(llm, tokenizer, codec, config=config.engine, guard=config.guard, enforce_eager=enforce_eager)
         engine.warm_up()
         return engine
+
+    def _start_admission(self, step_model: StepModel | None) -> None:
+        self.admission = Admission(self.config, step_model or self.runner.measure_step_model())
 
     @property
     def codec(self) -> SnacCodec:
@@ -193,6 +204,7 @@ class OrpheusEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the Orpheus engine is closed")
+            self.admission.check(self.scheduler.num_running + self.scheduler.num_waiting)  # EngineBusy past real time
             self.scheduler.admit(request)  # raises EngineBusy (or InvalidRequest for a prompt too long)
             self._requests[request.request_id] = request
             self.feed.open(request.request_id, seed, sink)
@@ -211,6 +223,12 @@ class OrpheusEngine:
                 return
             self._cancels.append((request_id, True))
             self._cond.notify()
+
+    @property
+    def stats(self) -> EngineStats:
+        """The counters since start, with the headroom of now."""
+        self._stats.headroom = self.admission.headroom(self.scheduler.num_running + self.scheduler.num_waiting)
+        return self._stats
 
     @property
     def active_requests(self) -> int:
@@ -279,19 +297,38 @@ class OrpheusEngine:
                 if self._closed:
                     return
                 self._apply_cancels()
-                step = self.scheduler.schedule()
+                step = self.scheduler.schedule(self._prefill_budget(in_flight))
+            measured = step if self.runner.stream is None else in_flight  # the step whose work this call waits for
             t0 = time.perf_counter()
             try:
                 in_flight = self._step(step, in_flight)
             except Exception as e:  # a failed step fails the requests it touched; the engine goes on
                 self._fail([step, in_flight], e)
-                in_flight = None
+                in_flight = measured = None
             dt = time.perf_counter() - t0
-            self.stats.steps += 1
-            self.stats.busy_s += dt
+            self._stats.steps += 1
+            self._stats.busy_s += dt
             self.feed.record_step(dt)
+            if measured is not None:
+                self.admission.model.learn(len(measured.decode), measured.prefill_tokens, dt)
             if self.on_step is not None:
                 self.on_step()
+
+    def _prefill_budget(self, in_flight: ScheduledStep | None) -> int | None:
+        """The next step's prefill under `engine.admission: slack`, from the playing streams' deadlines.
+
+        None (the scheduler's fixed value) under `fixed`, or with no prompt to prefill. The caller holds the lock.
+        """
+        if self.admission.policy != "slack" or not self.scheduler.num_prefilling:
+            return None
+        streams = [
+            (deadline, steps_to_frame(self._requests[request_id]))
+            for request_id, deadline in self.feed.deadlines()
+            if request_id in self._requests
+        ]
+        model, rows = self.admission.model, self.scheduler.num_running - self.scheduler.num_prefilling
+        in_flight_s = model.step_s(len(in_flight.decode), in_flight.prefill_tokens) if in_flight else 0.0
+        return self.admission.prefill_budget(time.perf_counter(), streams, rows, in_flight_s)
 
     def _step(self, step: ScheduledStep, in_flight: ScheduledStep | None) -> ScheduledStep | None:
         """One step: the GPU runs [step in flight] [SNAC] [step] back to back; returns the step now in flight."""
@@ -304,7 +341,7 @@ class OrpheusEngine:
             if self.rewrite_tokens is not None:
                 self.rewrite_tokens(in_flight, tokens, first)
             self._postprocess(in_flight, tokens, first)
-        self.stats.codec_windows += self.feed.deliver()  # PCM to each request's stream, in order
+        self._stats.codec_windows += self.feed.deliver()  # PCM to each request's stream, in order
         return None if step.empty else step
 
     def _postprocess(self, step: ScheduledStep, tokens: list[int], first: list[int]) -> None:
@@ -324,15 +361,15 @@ class OrpheusEngine:
             self.feed.push(frames, [(r.request_id, r.stop_reason) for r in out.finished], now)
         for _, reason in out.stopped:
             if reason == DURATION:
-                self.stats.guard_duration += 1
+                self._stats.guard_duration += 1
             else:
-                self.stats.guard_loop += 1
+                self._stats.guard_loop += 1
         for request in out.finished:
             if request.stop_reason in GUARD_REASONS:  # once per request, however many of its pieces it stopped
                 seconds = request.num_generated_total / fmt.TOKENS_PER_SECOND
                 logger.warning(f"{self}: guard stopped {request.request_id} ({request.stop_reason}) at {seconds:.1f} s")
-        self.stats.decode_tokens += len(step.decode) + len(first)
-        self.stats.prefill_tokens += sum(c.end - c.start for c in step.prefill)
+        self._stats.decode_tokens += len(step.decode) + len(first)
+        self._stats.prefill_tokens += step.prefill_tokens
 
     def _fail(self, steps: list[ScheduledStep | None], error: Exception) -> None:
         """End every request of `steps` and every request whose audio was in decode with `error`."""

@@ -15,6 +15,7 @@ With `enforce_eager` (and always on CPU) the same step function runs without gra
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from pipecat_orpheus.format import FRAME_TOKENS
 from pipecat_orpheus.graphs import capture, step_buckets
 from pipecat_orpheus.noise import noise_key
 
+from .admission import PREFILL_PAD, StepModel
 from .attention import triton_available
 from .model import OrpheusLM
 from .request import Request, SamplingParams
@@ -37,7 +39,6 @@ from .scheduler import PrefillChunk, ScheduledStep
 _IN_ROWS = 5  # decode input block: slot, index of the input token in `_dev_out`, position, num_generated, noise_step
 _IN_FLIGHT = 2  # steps launched and not yet collected, at most: pinned host buffers alternate between them
 _ACTIVATION_RESERVE = 2 * 2**30  # bytes kept free beyond the KV cache for activations and graphs
-_PREFILL_PAD = 16  # prefill chunks are padded to a multiple of this: few distinct GEMM shapes to warm up
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ class ModelRunner:
         self._host_out = torch.zeros(_IN_FLIGHT, 2 * s, dtype=torch.int64, pin_memory=pin)  # (2, 2 (S + 1))
         # prefill I/O: ids | positions | slots per prompt token (T padded), then rows | slots | noise steps per
         # completed prompt (at most one per slot); the scheduler keeps a step's tokens within prefill_chunk_tokens
-        self.prefill_capacity = -(-self.config.prefill_chunk_tokens // _PREFILL_PAD) * _PREFILL_PAD
+        self.prefill_capacity = -(-self.config.prefill_chunk_tokens // PREFILL_PAD) * PREFILL_PAD
         size = 3 * self.prefill_capacity + 3 * s
         self._host_pf = torch.zeros(_IN_FLIGHT, size, dtype=torch.int64, pin_memory=pin)  # (2, 3 T_max + 3 (S + 1))
         self._dev_pf = torch.zeros(size, dtype=torch.int64, device=self.device)  # (3 T_max + 3 (S + 1),)
@@ -296,7 +297,7 @@ class ModelRunner:
             if c.start == 0:
                 self.start_piece(c.request.slot, c.request.sampling, c.request.seed)
         total = sum(c.end - c.start for c in chunks)
-        t = -(-total // _PREFILL_PAD) * _PREFILL_PAD  # padded: the shapes are few and captured
+        t = -(-total // PREFILL_PAD) * PREFILL_PAD  # padded: the shapes are few and captured
         if t > self.prefill_capacity:
             raise ValueError(f"{total} prefill tokens in one step exceed engine.prefill_chunk_tokens")
         host = self._host_pf[buffer].numpy()  # (3 T_max + 3 (S + 1),) view of this step's pinned block
@@ -341,11 +342,11 @@ class ModelRunner:
         if self.device.type != "cuda" and not force:
             return
         dummy = SamplingParams(max_tokens=FRAME_TOKENS)
-        longest = self.max_len // _PREFILL_PAD * _PREFILL_PAD  # one chunk's positions stay inside a slot
-        lengths = [[t] for t in range(_PREFILL_PAD, min(self.prefill_capacity, longest) + 1, _PREFILL_PAD)]
-        lengths += [[_PREFILL_PAD] * m for m in (2, 4, 8) if m * _PREFILL_PAD <= self.prefill_capacity]
+        longest = self.max_len // PREFILL_PAD * PREFILL_PAD  # one chunk's positions stay inside a slot
+        lengths = [[t] for t in range(PREFILL_PAD, min(self.prefill_capacity, longest) + 1, PREFILL_PAD)]
+        lengths += [[PREFILL_PAD] * m for m in (2, 4, 8) if m * PREFILL_PAD <= self.prefill_capacity]
         lengths += [
-            [longest] * (t // longest) for t in range(longest + _PREFILL_PAD, self.prefill_capacity + 1, longest)
+            [longest] * (t // longest) for t in range(longest + PREFILL_PAD, self.prefill_capacity + 1, longest)
         ]
         for chunk_lengths in lengths:
             chunks = []
@@ -354,6 +355,41 @@ class ModelRunner:
                 request.slot = self.dummy_slot
                 chunks.append(PrefillChunk(request, 0, t))
             self.step(ScheduledStep([], chunks))
+
+    @torch.inference_mode()
+    def measure_step_model(self, repeats: int = 3) -> StepModel:
+        """The engine's first `StepModel`: decode at 1 row and at every slot, prefill at the shortest and longest.
+
+        Each is timed on the dummy slot, the fastest of `repeats` after one to warm it up: the
+        per-row cost at almost no context (the engine's own steps then teach it the rest) and
+        the per-token cost of a prefill.
+        """
+        self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))  # every row: the dummy slot
+        dummy = SamplingParams(max_tokens=FRAME_TOKENS)
+
+        def seconds(rows: int, tokens: int) -> float:
+            request = Request("step-model", [[0] * tokens], dummy, seed=0, slot=self.dummy_slot)
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                if tokens:
+                    self.step(ScheduledStep([], [PrefillChunk(request, 0, tokens)]))
+                else:
+                    self._run(self._bucket(rows), 0, max_len=1)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
+            return min(times[1:])
+
+        rows, short = self.max_slots, PREFILL_PAD
+        long = min(self.prefill_capacity, self.max_len // PREFILL_PAD * PREFILL_PAD)
+        one, full, first, last = seconds(1, 0), seconds(rows, 0), seconds(0, short), seconds(0, long)
+        row_s = max(full - one, 0.0) / max(rows - 1, 1)
+        mixed = self.prefill_capacity  # eagerly, decode rows and prompt tokens always share one forward
+        if self.use_graphs:  # only up to the mixed graphs' length (none without Triton)
+            mixed = -(-self.config.prefill_tokens_while_decoding // PREFILL_PAD) * PREFILL_PAD * self.use_triton
+        token_s = max(last - first, 0.0) / max(long - short, 1)
+        return StepModel(fixed_s=max(one - row_s, 0.0), row_s=row_s, token_s=token_s, mixed_tokens=mixed)
 
     # -- CUDA graphs -------------------------------------------------------------------------
 
@@ -372,8 +408,8 @@ class ModelRunner:
             return
         ladder = step_buckets(self.max_slots)
         self._dev_in.copy_(torch.from_numpy(self._pad_rows).expand_as(self._dev_in))
-        lengths = list(range(_PREFILL_PAD, self.prefill_capacity + 1, _PREFILL_PAD)) if self.use_triton else []
-        mixed = [t for t in lengths if t < self.config.prefill_tokens_while_decoding + _PREFILL_PAD]
+        lengths = list(range(PREFILL_PAD, self.prefill_capacity + 1, PREFILL_PAD)) if self.use_triton else []
+        mixed = [t for t in lengths if t < self.config.prefill_tokens_while_decoding + PREFILL_PAD]
         keys = [(bs, 0) for bs in reversed(ladder)] + [(0, t) for t in reversed(lengths)]
         keys += [(bs, t) for bs in reversed(ladder) for t in reversed(mixed)]
 

@@ -5,6 +5,8 @@ A request joins a free slot at once or waits in a FIFO queue of at most `max_que
 `prefill_chunk_tokens` prompt tokens of those in PREFILL (one chunk per request, oldest first),
 and at most `prefill_tokens_while_decoding` of them when the step also decodes: those share
 the live rows' forward (one read of the weights), so joining requests barely slow live ones.
+The engine may give a step that decodes a larger budget (`admission`: what the live streams'
+playback slack allows).
 A finished or cancelled request leaves its slot at once and the oldest waiting request takes it.
 
 Scheduling runs one step ahead of the results: `schedule()` may be called again before the
@@ -62,6 +64,11 @@ class ScheduledStep:
     def empty(self) -> bool:
         """Nothing to run."""
         return not self.decode and not self.prefill
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens this step prefills."""
+        return sum(c.end - c.start for c in self.prefill)
 
 
 @dataclass(slots=True)
@@ -121,6 +128,11 @@ class Scheduler:
         """Requests queued for a slot."""
         return len(self._waiting)
 
+    @property
+    def num_prefilling(self) -> int:
+        """Requests holding a slot whose prompt is not fully scheduled yet."""
+        return len(self._prefilling)
+
     def can_admit(self) -> bool:
         """Whether `admit` would accept a request now (a free slot or room in the queue)."""
         return bool(self._free) or len(self._waiting) < self.max_queue
@@ -165,8 +177,12 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledStep:
-        """The decode batch (every DECODE request with tokens left, by slot) and this step's prefill chunks."""
+    def schedule(self, prefill_budget: int | None = None) -> ScheduledStep:
+        """The decode batch (every DECODE request with tokens left, by slot) and this step's prefill chunks.
+
+        `prefill_budget` replaces `prefill_tokens_while_decoding` in a step that decodes (at most
+        `prefill_chunk_tokens`).
+        """
         step = ScheduledStep([], [])
         for r in self._slots:
             if r is not None and r.status is RequestStatus.DECODE and r.num_scheduled < r.max_new_tokens:
@@ -174,7 +190,9 @@ class Scheduler:
                 step.generated.append(r.num_scheduled)
                 step.epochs.append(r.epoch)
                 r.num_scheduled += 1
-        budget = self.prefill_tokens_while_decoding if step.decode else self.prefill_chunk_tokens
+        budget = self.prefill_chunk_tokens
+        if step.decode:
+            budget = min(prefill_budget or self.prefill_tokens_while_decoding, budget)
         for request in self._prefilling:
             if budget == 0:
                 break

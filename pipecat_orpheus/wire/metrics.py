@@ -56,6 +56,7 @@ ENGINE_COUNTERS = {
         ("decode_tokens", "decode_tokens", "Audio tokens generated."),
         ("prefill_tokens", "prefill_tokens", "Prompt tokens prefilled."),
         ("codec_windows", "codec_windows", "SNAC windows decoded."),
+        ("headroom", "headroom_streams", "Streams the engine can admit now and stay real time (its step-time model)."),
     )
 }
 PIECES_TOTAL = Counter(

@@ -107,7 +107,7 @@ class RemoteSynthesizer:
 
     @property
     def engine_stats(self) -> list:
-        """None here: the server's engine counters are on its /metrics."""
+        """None here (an empty list): the server's engine counters are on its /metrics."""
         return []
 
     @property

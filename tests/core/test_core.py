@@ -80,6 +80,7 @@ async def test_many_streams_share_one_core(tiny_model_dir, core):
     assert all(len(a) > 0 for a in audio)
     await until(lambda: core.active_requests == 0)
     assert core.stats.steps > 0 and core.stats.decode_tokens >= 4 * SEEDED.max_tokens  # the core's own counters
+    assert 0 <= core.stats.headroom <= 4 and speech.engine_stats[0].headroom == core.stats.headroom
 
 
 async def test_why_the_audio_ended_crosses_the_process(tiny_model_dir, core):

@@ -246,3 +246,17 @@ def test_pipelined_interleavings_keep_invariants(ops):
         apply(AUDIO)
     assert s.num_running == 0 and s.num_waiting == 0
     assert all(r.is_done for r in known.values())
+
+
+def test_a_step_that_decodes_takes_the_budget_admission_gives_it_within_the_chunk():
+    """An admission budget replaces prefill_tokens_while_decoding in a decoding step, within prefill_chunk_tokens."""
+    s = make_scheduler(max_slots=3, prefill_chunk_tokens=16, prefill_tokens_while_decoding=4)
+    a, b, c = make_request(0, prompt_len=16), make_request(1, prompt_len=10), make_request(2, prompt_len=20)
+    s.admit(a)
+    run_step(s)
+    s.admit(b)
+    s.admit(c)
+    step = s.schedule(prefill_budget=12)
+    assert step.decode and [(x.request, x.start, x.end) for x in step.prefill] == [(b, 0, 10), (c, 0, 2)]
+    step = s.schedule(prefill_budget=64)
+    assert [(x.request, x.start, x.end) for x in step.prefill] == [(c, 2, 18)] and step.prefill_tokens == 16

@@ -192,6 +192,7 @@ async def test_healthz_and_metrics(config, synth):
         assert (await http_get(server.port, "/nope"))[0] == 404
     assert status == 200
     assert 'orpheus_connections_total{outcome="busy"}' in body and "orpheus_time_to_first_audio_seconds_bucket" in body
+    assert "orpheus_engine_headroom_streams" in body
 
 
 async def test_connection_limit(config, synth):
