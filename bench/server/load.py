@@ -154,21 +154,30 @@ def make_job(args, url: str, level: int, mode: str, fmt: str, texts: list[str], 
 async def run_clients(job: dict, procs: int) -> tuple[list[dict], float, float]:
     """Split `job`'s streams over `procs` client processes, start them together; their records, T0, end."""
     shares = [dict(job, streams=job["streams"][p::procs]) for p in range(min(procs, len(job["streams"])))]
+    logs = [tempfile.TemporaryFile() for _ in shares]  # each child's stderr, quoted when it fails
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.server.load_client", cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
         )
-        for _ in shares
+        for log in logs
     ]  # fmt: skip
     records: list[dict] = []
+
+    def failed(what: str, child) -> RuntimeError:
+        log = logs[children.index(child)]
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-2000:]
+        return RuntimeError(f"a client process {what}; its stderr:\n{tail}")
 
     async def ready(child, share) -> None:
         child.stdin.write((json.dumps(share) + "\n").encode())
         await child.stdin.drain()
         line = await child.stdout.readline()
         if not line or "ready" not in json.loads(line):
-            raise RuntimeError(f"a client process did not start: {line!r}")
+            if not line:  # it ended: its exit status says how
+                await child.wait()
+            raise failed(f"did not start (it printed {line!r}, exit {child.returncode})", child)
 
     async def collect(child) -> None:
         while line := await child.stdout.readline():
@@ -177,7 +186,7 @@ async def run_clients(job: dict, procs: int) -> tuple[list[dict], float, float]:
                 break
             records.append(record)
         if await child.wait():
-            raise RuntimeError(f"a client process exited with {child.returncode}")
+            raise failed(f"exited with {child.returncode}", child)
 
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
@@ -192,6 +201,8 @@ async def run_clients(job: dict, procs: int) -> tuple[list[dict], float, float]:
             if child.returncode is None:
                 child.kill()
                 await child.wait()
+        for log in logs:
+            log.close()
     return records, t0, time.monotonic()
 
 
