@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipecat_orpheus.config import EngineConfig
 from pipecat_orpheus.errors import EngineBusy
@@ -26,18 +26,25 @@ from .request import Request, RequestStatus
 
 PREFILL_PAD = 16  # prefill tokens are padded to a multiple of this: few distinct shapes, each with its graph
 LEARNING_RATE = 0.05  # share of a step's prediction error the model takes in (~ the last 20 steps dominate)
+ROWS_PER_BUCKET = 16  # decode rows that share one learned residual (the runner's batch buckets are as coarse)
 REALTIME_STEP_S = 1.0 / TOKENS_PER_SECOND  # every live stream gets one token per step: 12.2 ms is real time
 
 
 @dataclass(slots=True)
 class StepModel:
-    """Seconds of one engine step: `fixed_s` per forward + `row_s` per decode row + `token_s` per prompt token.
+    """Seconds of one engine step: what the GPU costs, plus what the steps themselves show beyond it.
 
-    A step's prompt tokens share the decode rows' forward up to `mixed_tokens`; beyond that the
-    runner replays the decode graph and a prefill graph, one more read of the weights. The engine
-    measures the model at warm-up (`ModelRunner.measure_step_model`) and corrects it after every
-    step it runs (`learn`): the per-row cost grows with the streams' KV context and includes the
-    codec's windows and the host's work, which only the steps themselves can tell.
+    The GPU part is measured at warm-up (`ModelRunner.measure_step_model`): `fixed_s` per
+    forward, `row_s` per decode row, `token_s` per prompt token; a step's prompt tokens share
+    the decode rows' forward up to `mixed_tokens`, beyond that the runner replays the decode
+    graph and a prefill graph, one more read of the weights. What the start cannot see (the
+    codec's windows, the host's work, the KV read growing with the streams' context) is learned
+    from every one-forward step the engine runs (`learn`), as a residual per `ROWS_PER_BUCKET`
+    decode rows. Per batch size, not as a slope: one batch size cannot tell a fixed overhead
+    from a per-row one, and reading a few streams' overhead as per-row cost would refuse streams
+    at a fraction of the real capacity. A batch size not yet seen takes the residual of the
+    nearest one seen, so the estimate past the largest batch run so far is the optimistic one,
+    corrected as the steps get there.
     """
 
     fixed_s: float
@@ -45,38 +52,62 @@ class StepModel:
     token_s: float
     mixed_tokens: int
     rate: float = LEARNING_RATE  # 0: a fixed model (tests)
+    # per bucket of rows; None: not seen yet. Not an argument: `dataclasses.replace` must not share it
+    residual_s: list[float | None] = field(default_factory=list, init=False, repr=False)
 
-    def _features(self, rows: int, tokens: int) -> tuple[float, float, float]:
+    def _features(self, rows: int, tokens: int) -> tuple[int, int, int]:
         padded = -(-tokens // PREFILL_PAD) * PREFILL_PAD
         forwards = 1 + (rows > 0 and padded > self.mixed_tokens) if rows or padded else 0
         return forwards, rows, padded
 
-    def step_s(self, rows: int, tokens: int = 0) -> float:
-        """Predicted seconds of a step of `rows` decode rows and `tokens` prompt tokens (padded as the runner pads)."""
+    def gpu_s(self, rows: int, tokens: int = 0) -> float:
+        """The GPU's seconds for `rows` decode rows and `tokens` prompt tokens (padded as the runner pads)."""
         f, r, t = self._features(rows, tokens)
         return f * self.fixed_s + r * self.row_s + t * self.token_s
 
+    def residual(self, rows: int) -> float:
+        """The learned seconds beyond the GPU's at `rows` decode rows: the nearest batch size seen's (0: none)."""
+        seen, b = self.residual_s, rows // ROWS_PER_BUCKET
+        for d in range(len(seen) + b + 1):
+            for i in (b - d, b + d):
+                if 0 <= i < len(seen) and seen[i] is not None:
+                    return seen[i]
+        return 0.0
+
+    def step_s(self, rows: int, tokens: int = 0) -> float:
+        """Predicted seconds of a step of `rows` decode rows and `tokens` prompt tokens."""
+        if not rows and not tokens:
+            return 0.0
+        return max(0.0, self.gpu_s(rows, tokens) + self.residual(rows))
+
     def learn(self, rows: int, tokens: int, seconds: float) -> None:
-        """Move the prediction for this step `rate` of the way to `seconds` (normalized LMS).
+        """Move the residual at this batch size `rate` of the way to what `seconds` shows.
 
-        The correction goes mostly to the feature that dominates the step (the rows of a decode
-        step, the tokens of a prefill), and is bounded by the prediction, so one stall (a garbage
-        collection) moves the model by at most `rate` times it.
+        Only one-forward steps teach: a step with a second forward is a prefill, priced by the
+        start's measurement of the GPU alone. The correction is bounded by the prediction, so
+        one stall (a garbage collection) moves the model by at most `rate` times it.
         """
-        x = self._features(rows, tokens)
+        if self._features(rows, tokens)[0] != 1:
+            return
         predicted = self.step_s(rows, tokens)
-        error = max(-predicted, min(predicted, seconds - predicted)) if predicted > 0 else seconds
-        k = self.rate * error / (x[0] ** 2 + x[1] ** 2 + x[2] ** 2 or 1.0)
-        self.fixed_s = max(0.0, self.fixed_s + k * x[0])
-        self.row_s = max(0.0, self.row_s + k * x[1])
-        self.token_s = max(0.0, self.token_s + k * x[2])
+        error = max(-predicted, min(predicted, seconds - predicted))
+        b = rows // ROWS_PER_BUCKET
+        if b >= len(self.residual_s):
+            self.residual_s.extend([None] * (b + 1 - len(self.residual_s)))
+        self.residual_s[b] = self.residual(rows) + self.rate * error
 
-    def capacity(self, speed: float) -> int:
-        """Decode rows whose step still gives every stream `speed` times real time (0 if not even one)."""
-        step = REALTIME_STEP_S / speed - self.fixed_s
-        if step < self.row_s:
-            return 0
-        return math.floor(step / self.row_s) if self.row_s > 0 else 1 << 30
+    def capacity(self, speed: float, limit: int) -> int:
+        """Decode rows, at most `limit`, whose step still gives every stream `speed` times real time (0: not one)."""
+        target = REALTIME_STEP_S / speed
+        for lo in range(0, limit + 1, ROWS_PER_BUCKET):  # one bucket at a time: its residual is one number
+            hi = min(lo + ROWS_PER_BUCKET - 1, limit)
+            spare = target - self.fixed_s - self.residual(lo)
+            if spare < self.row_s * max(lo, 1) or spare < 0:  # not even the bucket's smallest batch fits
+                return max(lo - 1, 0)
+            fits = math.floor(spare / self.row_s) if self.row_s > 0 else hi
+            if fits < hi:
+                return fits
+        return limit
 
 
 def steps_to_frame(request: Request) -> int:
@@ -120,7 +151,7 @@ class Admission:
 
     def capacity(self) -> int:
         """Streams decoded together at `busy_below_speed` (1x when off), within the slots."""
-        return min(self.model.capacity(self.speed or 1.0), self.max_slots)
+        return self.model.capacity(self.speed or 1.0, self.max_slots)
 
     def headroom(self, admitted: int) -> int:
         """Streams the engine can admit now beyond the `admitted` ones (live or waiting) and stay real time."""
@@ -134,7 +165,7 @@ class Admission:
         """
         if not self.speed or admitted == 0:
             return
-        capacity = self.model.capacity(self.speed)
+        capacity = self.model.capacity(self.speed, self.max_slots)
         if capacity < self.max_slots and admitted >= max(capacity, 1):
             raise EngineBusy(
                 f"the engine is at its real-time capacity: {admitted} streams, and one more would run every "

@@ -39,6 +39,7 @@ from pipecat_orpheus.wire import metrics
 from pipecat_orpheus.wire import protocol as p
 from pipecat_orpheus.wire.connection import Connection, StreamSocket, peer
 from pipecat_orpheus.wire.session import Session
+from pipecat_orpheus.wire.slots import ConnectionSlots
 
 STREAM_PATHS = ("/api/tts_streaming", "/ws")  # Kyutai's path, and a short alias
 PROBE_PATHS = ("/healthz", "/metrics")  # no parameters: a query string is refused
@@ -57,6 +58,7 @@ class OrpheusServer:
         port: int | None = None,
         sock: socket.socket | None = None,
         reuse_port: bool = False,
+        slots: ConnectionSlots | None = None,
         # Auth
         api_keys: Sequence[str] | None = None,
     ):
@@ -70,6 +72,8 @@ class OrpheusServer:
             sock: an already bound, listening socket to serve on instead of host and port
                 (socket activation; accepted sockets inherit its options, e.g. SO_SNDBUF).
             reuse_port: bind with SO_REUSEPORT, beside other processes on the same port (`server.workers`).
+            slots: the connections held against `limits.max_connections`, shared with those other
+                processes (`SharedConnectionSlots`); None: this process's own.
             api_keys: accepted keys; None reads the comma-separated env var `server.api_key_env`.
         """
         self.config = config
@@ -85,6 +89,7 @@ class OrpheusServer:
         self._sampling = SamplingParams.from_config(config.sampling)
         self._ws: Server | None = None
         self._streams: set[Connection] = set()
+        self._slots = slots or ConnectionSlots(config.limits.max_connections)
         self._ids = itertools.count(1)
         self.draining = False
 
@@ -222,8 +227,7 @@ class OrpheusServer:
 
     async def _handle(self, ws: StreamSocket) -> None:
         n = next(self._ids)
-        limits = self.config.limits
-        if self.synthesizer is None or len(self._streams) >= limits.max_connections:
+        if self.synthesizer is None or not self._slots.acquire():
             why = "the model is loading" if self.synthesizer is None else "limits.max_connections reached"
             metrics.CONNECTIONS_TOTAL.labels("busy").inc()
             metrics.ERRORS_TOTAL.labels("busy").inc()
@@ -234,6 +238,14 @@ class OrpheusServer:
             except ConnectionClosed:
                 pass
             return
+        try:
+            await self._serve_stream(n, ws)
+        finally:
+            self._slots.release()
+
+    async def _serve_stream(self, n: int, ws: StreamSocket) -> None:
+        """Stream `n`, admitted: its session, its connection, until it closes."""
+        limits = self.config.limits
         query = parse_qs(_split_target(ws.request.path)[1] or "")
         voice = query.get("voice", [self.config.voices.default])[-1]
         if voice not in self.config.voices.available:  # e.g. a Kyutai voice path: keep the client working
@@ -317,13 +329,22 @@ def run(config: Config) -> None:
         asyncio.run(run_server(config, load_synthesizer))
 
 
-async def run_server(config: Config, open_speech: Callable[[Config], Synthesizer], *, reuse_port: bool = False) -> None:
-    """One server process: bind, `open_speech(config)` off the event loop, serve until a signal, drain."""
+async def run_server(
+    config: Config,
+    open_speech: Callable[[Config], Synthesizer],
+    *,
+    reuse_port: bool = False,
+    slots: ConnectionSlots | None = None,
+) -> None:
+    """One server process: bind, `open_speech(config)` off the event loop, serve until a signal, drain.
+
+    `reuse_port` and `slots` are `OrpheusServer`'s, for one of several workers on the port.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = OrpheusServer(config, reuse_port=reuse_port)
+    server = OrpheusServer(config, reuse_port=reuse_port, slots=slots)
     # Bind first, so a port in use fails before a long model load; but a worker beside others on the
     # port (reuse_port) listens only once it can speak, or the kernel would hand it connections to refuse.
     if not reuse_port:

@@ -5,8 +5,8 @@ One server process spends its time in Python on sockets, framing and the protoco
 starts the engine cores (`engine.devices`; it restarts one that dies, as any owner does), then
 `server.workers` worker processes. Each runs the whole server (`server.run_server`) with
 `EngineCores` attached to those cores, on its own listening socket bound with SO_REUSEPORT: the
-kernel spreads new connections over them. Each admits `limits.max_connections / workers`
-connections; `/metrics` from any worker counts every worker (Prometheus multiprocess mode);
+kernel spreads new connections over them. `limits.max_connections` holds for all of them together
+(`SharedConnectionSlots`); `/metrics` from any worker counts every worker (Prometheus multiprocess mode);
 `/healthz` says whether every core beats. SIGTERM to the parent drains every worker, then stops
 the cores; a worker that dies is started again.
 """
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
-import math
 import os
 import shutil
 import signal
@@ -32,6 +30,7 @@ from loguru import logger
 from pipecat_orpheus.config import Config
 from pipecat_orpheus.core import EngineCores, messages
 from pipecat_orpheus.errors import ConfigError
+from pipecat_orpheus.wire.slots import SharedConnectionSlots
 
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
@@ -44,15 +43,18 @@ def run(config: Config) -> None:
         signal.signal(sig, lambda *_: stop.set())
     cores = EngineCores.start(config)  # it owns the core processes: restarts one that dies, stops them at the end
     metrics_dir = Path(tempfile.mkdtemp(prefix="orpheus-metrics-"))
+    slots = metrics_dir / "connections.bin"  # outside the Prometheus files' naming: it never reads it
+    SharedConnectionSlots.create(slots, config.server.workers)
     workers: list[subprocess.Popen] = []
     try:
-        workers = [_spawn(cores.directories, i, metrics_dir) for i in range(config.server.workers)]
+        workers = [_spawn(cores.directories, i, metrics_dir, slots) for i in range(config.server.workers)]
         logger.info(f"serving on {config.server.host}:{config.server.port} with {len(workers)} workers")
         while not stop.wait(1.0):
             for i, worker in enumerate(workers):
                 if worker.poll() is not None:
                     logger.error(f"worker {i} exited with code {worker.returncode}; starting it again")
-                    workers[i] = _spawn(cores.directories, i, metrics_dir)
+                    SharedConnectionSlots.reset(slots, i)  # its connections died with it
+                    workers[i] = _spawn(cores.directories, i, metrics_dir, slots)
         logger.info("signal received, shutting down the workers")
     finally:
         for worker in workers:
@@ -77,16 +79,11 @@ def _check_port(config: Config) -> None:
             raise ConfigError("server.port", f"{where} is already in use: {e.strerror}") from e
 
 
-def _spawn(directories: list[Path], index: int, metrics_dir: Path) -> subprocess.Popen:
+def _spawn(directories: list[Path], index: int, metrics_dir: Path, slots: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "pipecat_orpheus.wire.workers", *(f"--dir={d}" for d in directories)]
+    command += [f"--index={index}", f"--slots={slots}"]
     environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "ORPHEUS_WORKER": str(index)}
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
-
-
-def worker_config(config: Config) -> Config:
-    """A worker's share of the limits: `limits.max_connections / server.workers`, rounded up."""
-    share = math.ceil(config.limits.max_connections / config.server.workers)
-    return dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_connections=share))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +95,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipecat_orpheus.wire.workers")
     parser.add_argument("--dir", required=True, type=Path, action="append", help="an engine core's directory")
+    parser.add_argument("--index", required=True, type=int, help="this worker's number, from 0")
+    parser.add_argument("--slots", required=True, type=Path, help="the workers' shared connection counts")
     args = parser.parse_args(argv)
     if sys.platform == "linux":  # the parent killed outright: end too, so no worker holds the port
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    config = worker_config(messages.config_from_json((args.dir[0] / "config.json").read_text()))
+    config = messages.config_from_json((args.dir[0] / "config.json").read_text())
+    slots = SharedConnectionSlots(args.slots, args.index, config.limits.max_connections)
 
     def open_speech(config: Config):
         return speech_for(EngineCores.attach(config, args.dir), config)
 
-    asyncio.run(run_server(config, open_speech, reuse_port=True))
+    try:
+        asyncio.run(run_server(config, open_speech, reuse_port=True, slots=slots))
+    finally:
+        slots.close()
     return 0
 
 

@@ -11,7 +11,6 @@ from bench.serving import children, engine_cores
 from pipecat_orpheus.config import load_config
 from pipecat_orpheus.errors import ConfigError, EngineBusy, ProtocolError
 from pipecat_orpheus.wire.client import OrpheusClient
-from pipecat_orpheus.wire.workers import worker_config
 from tests.helpers import http_get, overrides
 
 CLIENTS = 16
@@ -58,9 +57,13 @@ def _sockets(pid: int, port: int, state: str) -> int:
 
 
 async def test_workers_share_one_port_and_one_core(tiny_model_dir):
-    """16 clients spread over both workers, all speak through the one core; /metrics counts every worker."""
+    """16 clients spread over both workers, all speak through the one core; /metrics counts every worker.
+
+    `limits.max_connections: 16` holds for both workers together: all 16 get in however the kernel
+    spread them, and a 17th is refused.
+    """
     port = free_port()
-    async with serve_process(served(tiny_model_dir), port) as proc:
+    async with serve_process(served(tiny_model_dir, **{"limits.max_connections": CLIENTS}), port) as proc:
         kids = children(proc.pid)
         workers = [pid for pid, cmd in kids.items() if "pipecat_orpheus.wire.workers" in cmd]
         cores = [pid for pid, cmd in kids.items() if "pipecat_orpheus.core.process" in cmd]
@@ -75,6 +78,8 @@ async def test_workers_share_one_port_and_one_core(tiny_model_dir):
             assert all(len(a) == len(audio[0]) > 0 for a in audio)
             served_by = [established(pid, port) for pid in workers]
             assert sum(served_by) == CLIENTS and min(served_by) > 0, served_by  # the kernel spread them
+            with pytest.raises(EngineBusy, match="max_connections"):
+                await OrpheusClient(f"ws://127.0.0.1:{port}", api_key=KEY, max_retries=0).connect()
             status, body = await http_get(port, "/metrics")
             assert status == 200
             assert 'orpheus_connections_total{outcome="accepted"} 16.0' in body
@@ -109,13 +114,11 @@ async def test_workers_ride_out_a_core_death(tiny_model_dir):
 
 
 def test_workers_need_a_fixed_port_and_the_core_process():
-    """Bad combinations fail at start, naming `server.workers`; each worker gets its share of the connections."""
+    """Bad combinations fail at start, naming `server.workers`."""
     with pytest.raises(ConfigError, match="server.workers"):
         load_config(overrides={"server.workers": 2, "server.port": 0})
     with pytest.raises(ConfigError, match="server.workers"):
         load_config(overrides={"server.workers": 2, "engine.core_process": False})
-    config = load_config(overrides={"server.workers": 3, "limits.max_connections": 512})
-    assert worker_config(config).limits.max_connections == 171
 
 
 def _running(pid: int) -> bool:
